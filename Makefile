@@ -4,6 +4,9 @@
 # Both install into ./.venv (override with VENV=...). PYTHON picks the interpreter for the venv.
 
 PYTHON ?= python3
+# Offline, HH-RLHF comes from a local copy when one sits beside the checkout (users with the hub need none).
+ALIGNLIB_HH_RLHF ?= $(wildcard $(CURDIR)/../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz)
+export ALIGNLIB_HH_RLHF
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.alignlib-installed
@@ -25,7 +28,7 @@ test: setup
 	$(PY) -m pytest -ra
 
 book: setup
-	$(PY) -m alignlib score --pair smollm2 --data builtin --out runs/main
+	$(PY) -m alignlib score --pair smollm2 --data builtin --rows 0:100 --out runs/main
 
 clean:
 	rm -rf $(VENV) runs _build

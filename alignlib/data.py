@@ -283,6 +283,7 @@ class EncodedPair:
     chosen_start: int  # index of the first response token in `chosen`
     rejected_start: int
     prompt_truncated: int  # prompt tokens cut from the left to fit max_length
+    response_truncated: int = 0  # response tokens cut on request (max_response_tokens), both sides
 
 
 def encode_pairs(
@@ -292,18 +293,25 @@ def encode_pairs(
     max_length: int = 1024,
     chat_template: bool = False,
     add_eos: bool = False,
+    max_response_tokens: int | None = None,
 ) -> list[EncodedPair]:
     """Tokenise pairs so both responses follow the very same prompt ids.
 
     Prompt and response are tokenised separately and concatenated, so the response tokens are
     exactly the positions scored. When a sequence exceeds ``max_length`` the prompt is cut from the
-    left; a response that cannot fit with at least one prompt token is an error, never cut.
+    left; a response that cannot fit with at least one prompt token is an error, never cut silently.
+    ``max_response_tokens`` asks explicitly for responses cut to their first N tokens (training
+    does this; the cut is counted in `EncodedPair.response_truncated`).
     ``chat_template`` renders the HH dialogue with the tokenizer's chat template (instruct models).
     """
     out = []
     for p in prefs:
         prompt_ids = _prompt_ids(tokenizer, p.prompt, chat_template)
         responses = [_response_ids(tokenizer, r, chat_template, add_eos) for r in (p.chosen, p.rejected)]
+        cut_response = 0
+        if max_response_tokens is not None:
+            cut_response = sum(max(0, len(r) - max_response_tokens) for r in responses)
+            responses = [r[:max_response_tokens] for r in responses]
         longest = max(len(r) for r in responses)
         if longest + 1 > max_length:
             raise PreferenceError(
@@ -316,7 +324,7 @@ def encode_pairs(
         cut = max(0, len(prompt_ids) + longest - max_length)
         prompt_ids = prompt_ids[cut:]
         n = len(prompt_ids)
-        out.append(EncodedPair(p.id, prompt_ids + responses[0], prompt_ids + responses[1], n, n, cut))
+        out.append(EncodedPair(p.id, prompt_ids + responses[0], prompt_ids + responses[1], n, n, cut, cut_response))
     return out
 
 

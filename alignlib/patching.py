@@ -63,6 +63,7 @@ def patch_sweep(
     positions: str | Iterable[int] = "all",
     layers: Sequence[int] | None = None,
     controls: Sequence[str] = ("identity", "shuffled", "noise"),
+    subspaces: dict[str, torch.Tensor] | None = None,
     method: str = "fast",
     batch_size: int = 16,
     chunk_size: int = 16,
@@ -80,6 +81,8 @@ def patch_sweep(
         (0 is the first response token, -1 the last prompt token, which predicts it).
     layers: decoder layer indices (default all). controls: any of `CONTROLS`; the real patch
         (control ``"patch"``) is always run.
+    subspaces: name -> orthonormal basis U (hidden, k): adds cells (control ``"subspace:<name>"``)
+        that patch only the part of the difference inside span(U): receiver + (donor - receiver) U U^T.
     chunk_size: pairs per unit of work; a chunk is the unit written to ``run_dir`` and resumed,
         the pool that ``shuffled`` draws other pairs from and ``mean_ablation`` averages over.
     """
@@ -107,13 +110,16 @@ def patch_sweep(
     chunks = _chunks(encoded, chunk_size)
     cells = [("patch", *c) for c in product(sites, directions, layers)]
     cells += [(ctl, *c) for ctl in controls for c in product(sites, directions, layers)]
+    subspaces = {f"subspace:{k}": torch.as_tensor(u, dtype=torch.float32) for k, u in (subspaces or {}).items()}
+    cells += [(name, *c) for name in subspaces for c in product(sites, directions, layers)]
 
     run = None
     if run_dir is not None:
         config = dict(pair=pair.name, ids_sha1=_sha1([e.id for e in encoded]), tokens_sha1=_sha1(
             [[e.chosen, e.rejected] for e in encoded]), sites=sites, directions=directions, positions=positions,
             layers=[int(l) for l in layers], controls=list(controls), method=method, batch_size=batch_size,
-            chunk_size=chunk_size, seed=seed, dtype=str(next(pair.base.parameters()).dtype))
+            chunk_size=chunk_size, seed=seed, dtype=str(next(pair.base.parameters()).dtype),
+            subspaces={k: _sha1(u.tolist()) for k, u in subspaces.items()})
         run = RunFolder(run_dir, config)
 
     tables = []
@@ -124,7 +130,7 @@ def patch_sweep(
             tables.append(run.load(name))
             bar.update(len(cells))
             continue
-        table = _sweep_chunk(pair, chunk, cells, positions, method, batch_size, seed, ci, bar)
+        table = _sweep_chunk(pair, chunk, cells, positions, method, batch_size, seed, ci, bar, subspaces)
         if run is not None:
             run.save(name, table)
         tables.append(table)
@@ -171,42 +177,106 @@ class _Captured:
         return self.acts[site, layer]
 
 
-def _sweep_chunk(pair, chunk, cells, positions, method, batch_size, seed, chunk_index, bar) -> pd.DataFrame:
-    n = len(chunk)
-    seqs = [(e.chosen, e.chosen_start) for e in chunk] + [(e.rejected, e.rejected_start) for e in chunk]
-    order = sorted(range(2 * n), key=lambda i: len(seqs[i][0]))
-    batches = [order[s : s + batch_size] for s in range(0, 2 * n, batch_size)]
-    pad = pad_id(pair.tokenizer)
-    padded = [collate([seqs[i] for i in idx], pad) for idx in batches]
-    sublayer_sites = sorted({c[1] for c in cells} & {"attn", "mlp"})
-    caps = {role: [_Captured(m, b, sublayer_sites) for b in padded] for role, m in pair.models.items()}
-    clean = {role: _per_sequence([c.logp for c in caps[role]], batches, 2 * n) for role in caps}
-    shift = int(np.random.default_rng([seed, chunk_index]).integers(1, n)) if n > 1 else 0
-    donor_of = [((i % n) + shift) % n + (i // n) * n for i in range(2 * n)]  # chosen<-chosen, rejected<-rejected
-    where = {seq: (b, r) for b, idx in enumerate(batches) for r, seq in enumerate(idx)}
+class _Chunk:
+    """A chunk of pairs as padded batches of sequences (chosen 0..n-1, then rejected), captured once."""
 
+    def __init__(self, pair, encoded, batch_size, sublayer_sites, seed, index):
+        n = self.n = len(encoded)
+        self.seqs = [(e.chosen, e.chosen_start) for e in encoded] + [(e.rejected, e.rejected_start) for e in encoded]
+        order = sorted(range(2 * n), key=lambda i: len(self.seqs[i][0]))
+        self.batches = [order[s : s + batch_size] for s in range(0, 2 * n, batch_size)]
+        self.padded = [collate([self.seqs[i] for i in idx], pad_id(pair.tokenizer)) for idx in self.batches]
+        self.where = {seq: (b, r) for b, idx in enumerate(self.batches) for r, seq in enumerate(idx)}
+        self.caps = {role: [_Captured(m, p, sublayer_sites) for p in self.padded] for role, m in pair.models.items()}
+        # shuffled control: pair i takes the donor activations of pair i + shift (chosen from chosen, etc.)
+        shift = int(np.random.default_rng([seed, index]).integers(1, n)) if n > 1 else 0
+        self.donor_of = [(i % n + shift) % n + (i // n) * n for i in range(2 * n)]
+
+    def margins(self, logps) -> np.ndarray:
+        """Per-pair margins from per-batch per-sequence log-prob sums."""
+        out = np.zeros(2 * self.n)
+        for vals, idx in zip(logps, self.batches):
+            out[idx] = vals.numpy()
+        return out[: self.n] - out[self.n :]
+
+    def clean_margins(self, role) -> np.ndarray:
+        return self.margins([c.logp for c in self.caps[role]])
+
+    def position_mask(self, b, positions) -> torch.Tensor:
+        batch = self.padded[b]
+        real = batch.attention_mask.bool()
+        if positions == "all":
+            return real
+        if positions == "response":
+            return batch.response_mask.clone()
+        if positions == "prompt":
+            return real & ~batch.response_mask
+        mask = torch.zeros_like(real)
+        for r, seq in enumerate(self.batches[b]):
+            ids, start = self.seqs[seq]
+            for off in positions:
+                if 0 <= start + off < len(ids):
+                    mask[r, start + off] = True
+        return mask
+
+    def control_value(self, control, site, layer, recv, donor, b, mask, gen, subspaces=None):
+        """The value patched in for a control at batch ``b``, and the (possibly narrowed) mask."""
+        own = self.caps[recv][b].value(site, layer)
+        if control == "patch":
+            return self.caps[donor][b].value(site, layer), mask
+        if control.startswith("subspace:"):
+            u = subspaces[control].to(own.dtype)
+            diff = self.caps[donor][b].value(site, layer) - own
+            return own + (diff @ u) @ u.T, mask
+        if control == "identity":
+            return own, mask
+        if control == "noise":
+            diff = self.caps[donor][b].value(site, layer) - own
+            noise = torch.randn(own.shape, generator=gen, dtype=torch.float32).to(own.dtype)
+            return own + noise / noise.norm(dim=-1, keepdim=True) * diff.norm(dim=-1, keepdim=True), mask
+        if control == "zero_ablation":
+            return torch.zeros_like(own), mask
+        if control == "mean_ablation":
+            total = sum((c.value(site, layer) * p.attention_mask[..., None]).sum((0, 1))
+                        for c, p in zip(self.caps[recv], self.padded))
+            count = sum(int(p.attention_mask.sum()) for p in self.padded)
+            return (total / count).expand_as(own).clone(), mask
+        if control == "shuffled":  # another pair's donor value, aligned on the response start
+            value, ok = own.clone(), torch.zeros_like(mask)
+            for r, seq in enumerate(self.batches[b]):
+                src = self.donor_of[seq]
+                sb, srow = self.where[src]
+                src_value = self.caps[donor][sb].value(site, layer)[srow]
+                pos = torch.arange(len(self.seqs[seq][0]))
+                src_pos = pos + self.seqs[src][1] - self.seqs[seq][1]
+                valid = (src_pos >= 0) & (src_pos < len(self.seqs[src][0]))
+                value[r, pos[valid]] = src_value[src_pos[valid]]
+                ok[r, pos[valid]] = True
+            return value, mask & ok
+        raise ValueError(control)
+
+
+def _sweep_chunk(pair, encoded, cells, positions, method, batch_size, seed, chunk_index, bar,
+                 subspaces=None) -> pd.DataFrame:
+    sublayer_sites = sorted({c[1] for c in cells} & {"attn", "mlp"})
+    chunk = _Chunk(pair, encoded, batch_size, sublayer_sites, seed, chunk_index)
+    clean = {role: chunk.clean_margins(role) for role in chunk.caps}
     rows = []
     for control, site, direction, layer in cells:
         recv, donor = DIRECTIONS[direction]
         model = pair.models[recv]
         logps = []
-        for b, batch in enumerate(padded):
-            R, D = caps[recv][b], caps[donor][b]
-            mask = _position_mask(batch, batches[b], seqs, positions)
+        for b, batch in enumerate(chunk.padded):
             gen = torch.Generator().manual_seed(_cell_seed(seed, chunk_index, control, site, direction, layer, b))
-            value, mask = _control_value(control, site, layer, R, D, mask, batch, batches[b], caps[donor],
-                                         where, donor_of, seqs, caps[recv], padded, gen)
-            final = _run_patched(model, method, site, layer, batch, R, value, mask)
+            value, mask = chunk.control_value(control, site, layer, recv, donor, b,
+                                              chunk.position_mask(b, positions), gen, subspaces)
+            final = _run_patched(model, method, site, layer, batch, chunk.caps[recv][b], value, mask)
             logps.append(token_logprobs(model, final, batch.input_ids, batch.response_mask)[0])
-        patched = _per_sequence(logps, batches, 2 * n)
-        margin_patched = patched[:n] - patched[n:]
-        margin_recv = clean[recv][:n] - clean[recv][n:]
-        margin_donor = clean[donor][:n] - clean[donor][n:]
-        for i, e in enumerate(chunk):
+        patched = chunk.margins(logps)
+        for i, e in enumerate(encoded):
             rows.append(dict(id=e.id, site=site, direction=direction, control=control, layer=layer,
-                             margin_patched=margin_patched[i], margin_receiver=margin_recv[i],
-                             margin_donor=margin_donor[i], effect=margin_patched[i] - margin_recv[i],
-                             gain=margin_donor[i] - margin_recv[i]))
+                             margin_patched=patched[i], margin_receiver=clean[recv][i], margin_donor=clean[donor][i],
+                             effect=patched[i] - clean[recv][i], gain=clean[donor][i] - clean[recv][i]))
         bar.update(1)
     return pd.DataFrame(rows)
 
@@ -232,59 +302,6 @@ def _run_patched(model, method, site, layer, batch, R: _Captured, value, mask) -
         return final_hidden(model, ids, attn)
 
 
-def _control_value(control, site, layer, R, D, mask, batch, seq_ids, donor_caps, where, donor_of, seqs,
-                   recv_caps, padded, gen):
-    """The value patched in for a control, and the (possibly narrowed) position mask."""
-    own = R.value(site, layer)
-    if control == "patch":
-        return D.value(site, layer), mask
-    if control == "identity":
-        return own, mask
-    if control == "noise":
-        diff = D.value(site, layer) - own
-        noise = torch.randn(own.shape, generator=gen, dtype=torch.float32).to(own.dtype)
-        noise = noise / noise.norm(dim=-1, keepdim=True) * diff.norm(dim=-1, keepdim=True)
-        return own + noise, mask
-    if control == "zero_ablation":
-        return torch.zeros_like(own), mask
-    if control == "mean_ablation":
-        total = sum((c.value(site, layer) * p.attention_mask[..., None]).sum((0, 1)) for c, p in zip(recv_caps, padded))
-        count = sum(int(p.attention_mask.sum()) for p in padded)
-        return (total / count).expand_as(own).clone(), mask
-    if control == "shuffled":  # another pair's donor value, aligned on the response start
-        value, ok = own.clone(), torch.zeros_like(mask)
-        for r, seq in enumerate(seq_ids):
-            src = donor_of[seq]
-            b, row = where[src]
-            src_val = donor_caps[b].value(site, layer)[row]
-            offset = seqs[src][1] - seqs[seq][1]
-            length = len(seqs[seq][0])
-            pos = torch.arange(length)
-            s_pos = pos + offset
-            valid = (s_pos >= 0) & (s_pos < len(seqs[src][0]))
-            value[r, pos[valid]] = src_val[s_pos[valid]]
-            ok[r, pos[valid]] = True
-        return value, mask & ok
-    raise ValueError(control)
-
-
-def _position_mask(batch, seq_ids, seqs, positions) -> torch.Tensor:
-    real = batch.attention_mask.bool()
-    if positions == "all":
-        return real
-    if positions == "response":
-        return batch.response_mask.clone()
-    if positions == "prompt":
-        return real & ~batch.response_mask
-    mask = torch.zeros_like(real)
-    for r, seq in enumerate(seq_ids):
-        ids, start = seqs[seq]
-        for off in positions:
-            if 0 <= start + off < len(ids):
-                mask[r, start + off] = True
-    return mask
-
-
 def _check_positions(positions):
     if isinstance(positions, str):
         if positions not in POSITIONS:
@@ -294,13 +311,6 @@ def _check_positions(positions):
     if not offsets:
         raise ValueError("positions: empty offset set")
     return offsets
-
-
-def _per_sequence(batch_values, batches, n) -> np.ndarray:
-    out = np.zeros(n)
-    for vals, idx in zip(batch_values, batches):
-        out[idx] = vals.numpy()
-    return out
 
 
 def _chunks(encoded, chunk_size):

@@ -70,3 +70,18 @@ def test_real_smollm2_prefers_right_answers_to_wrong_ones():
     for chat in (False, True):
         t = score(pair, prefs, chat_template=chat, progress=False)
         assert (t.margin_base > 0).all(), t[["id", "margin_base"]]
+
+
+def test_command_line_scores_into_a_run_folder(tmp_path, capsys):
+    import json
+
+    from alignlib.__main__ import main
+
+    out = tmp_path / "run"
+    assert main(["score", "--pair", "tiny", "--data", "builtin", "--rows", "0:6", "--out", str(out)]) == 0
+    assert "6 pairs from builtin" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["pair"] == "tiny"
+    assert "torch" in json.loads((out / "versions.json").read_text())
+    import pandas as pd
+
+    assert len(pd.read_csv(out / "scores.csv")) == 6

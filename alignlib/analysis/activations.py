@@ -1,0 +1,88 @@
+"""Response-token activations of both models from one capture pass: distances, pooled means, deltas.
+
+Everything the LASSO, low-rank and probe analyses need comes from a single forward of each model
+per batch (no extra forwards): per pair and layer the mean over response tokens (of both the chosen
+and the rejected sequence) of ||h_T - h_B||, of ||h_T - h_B|| / ||h_B|| and of cos(h_T, h_B); per
+sequence and layer the mean response activation of each model (for probes); and, at requested
+layers, every response token's difference h_T - h_B (for the low-rank analysis).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..data import EncodedPair, collate, encode_pairs
+from ..hooks import capture
+from ..metrics import pad_id
+from ..models import ModelPair
+
+
+@dataclass
+class ResponseActivations:
+    ids: list[str]
+    n_layers: int
+    distances: pd.DataFrame  # id, layer, distance, relative, cosine
+    pooled: dict[str, np.ndarray]  # model -> (n_layers, n_pairs, 2, hidden): response means of (chosen, rejected)
+    deltas: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (tokens, hidden): h_T - h_B
+    delta_pair: np.ndarray | None = None  # pair index of each delta row
+
+    def distances_wide(self, measure: str = "distance") -> pd.DataFrame:
+        """One row per pair (in ``ids`` order), one column per layer."""
+        wide = self.distances.pivot(index="id", columns="layer", values=measure)
+        return wide.loc[self.ids]
+
+
+def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: int = 16, max_length: int = 512,
+                         chat_template: bool = False, progress: bool = True) -> ResponseActivations:
+    """Capture both models once per batch and reduce to what the analyses need."""
+    encoded = prefs if len(prefs) and isinstance(prefs[0], EncodedPair) else encode_pairs(
+        pair.tokenizer, prefs, max_length=max_length, chat_template=chat_template)
+    n, L = len(encoded), pair.n_layers
+    seqs = [(e.chosen, e.chosen_start) for e in encoded] + [(e.rejected, e.rejected_start) for e in encoded]
+    order = sorted(range(2 * n), key=lambda i: len(seqs[i][0]))
+    hidden = pair.base.config.hidden_size
+    pooled = {role: np.zeros((L, n, 2, hidden), dtype=np.float32) for role in ("base", "tuned")}
+    sums = np.zeros((3, L, n))  # distance, relative, cosine summed over response tokens
+    counts = np.zeros(n)
+    deltas = {l: [] for l in keep_deltas}
+    delta_pair = []
+    for s in tqdm(range(0, 2 * n, batch_size), desc="capturing", disable=not progress):
+        idx = order[s : s + batch_size]
+        batch = collate([seqs[i] for i in idx], pad_id(pair.tokenizer))
+        acts = {}
+        for role, model in pair.models.items():
+            with torch.inference_mode(), capture(model) as a:
+                model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            acts[role] = a
+        mask = batch.response_mask
+        for r, seq in enumerate(idx):
+            p, m = seq % n, mask[r]
+            counts[p] += int(m.sum())
+            if keep_deltas:
+                delta_pair.extend([p] * int(m.sum()))
+        for l in range(L):
+            hb, ht = acts["base"]["resid", l].float(), acts["tuned"]["resid", l].float()
+            d = ht - hb
+            dist = d.norm(dim=-1)
+            rel = dist / hb.norm(dim=-1).clamp_min(1e-12)
+            cos = torch.nn.functional.cosine_similarity(ht, hb, dim=-1)
+            for r, seq in enumerate(idx):
+                p, side, m = seq % n, seq // n, mask[r]
+                sums[0, l, p] += dist[r, m].sum().item()
+                sums[1, l, p] += rel[r, m].sum().item()
+                sums[2, l, p] += cos[r, m].sum().item()
+                pooled["base"][l, p, side] = hb[r, m].mean(0).numpy()
+                pooled["tuned"][l, p, side] = ht[r, m].mean(0).numpy()
+                if l in deltas:
+                    deltas[l].append(d[r, m].numpy())
+    means = sums / counts
+    distances = pd.DataFrame([dict(id=encoded[p].id, layer=l, distance=means[0, l, p], relative=means[1, l, p],
+                                   cosine=means[2, l, p]) for p in range(n) for l in range(L)])
+    return ResponseActivations([e.id for e in encoded], L, distances, pooled,
+                               {l: np.concatenate(v) for l, v in deltas.items()},
+                               np.array(delta_pair) if keep_deltas else None)

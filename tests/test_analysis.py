@@ -1,0 +1,102 @@
+"""Each analysis on planted truth, where the answer is known, and once end-to-end on the tiny pair."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from alignlib.analysis.activations import response_activations
+from alignlib.analysis.lasso import lasso_layers
+from alignlib.analysis.lowrank import delta_directions, low_rank_recovery
+from alignlib.analysis.probes import probe_layers
+from alignlib.validation import planted_pair
+
+
+def test_lasso_selects_exactly_the_two_planted_layers():
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.standard_normal((300, 30)))
+    y = 2.0 * X[3] - 1.5 * X[17] + 0.5 * rng.standard_normal(300)
+    res = lasso_layers(X, y, n_boot=100, seed=0)
+    assert res.selected == [3, 17]
+    stab = res.stability.set_index("layer").selection_frequency
+    assert stab[3] >= 0.9 and stab[17] >= 0.9
+    assert stab.drop([3, 17]).max() < 0.5
+    assert res.fit.r2_test.iloc[0] > 0.8
+    assert set(res.path.columns) == {"alpha", "layer", "coef"}
+
+
+def test_lasso_rejects_misaligned_input():
+    with pytest.raises(ValueError, match="do not align"):
+        lasso_layers(pd.DataFrame(np.zeros((10, 3))), np.zeros(9))
+
+
+def test_probe_finds_a_planted_direction_only_where_it_is():
+    rng = np.random.default_rng(0)
+    n_pairs, hidden = 120, 16
+    acts = rng.standard_normal((3, n_pairs, 2, hidden))
+    acts[1, :, 0, 5] += 6.0  # layer 1: chosen responses sit 6 sd further along direction 5
+    res = probe_layers({"base": acts}).set_index("layer")
+    assert res.accuracy[1] > 0.95
+    assert abs(res.accuracy[0] - 0.5) < 0.15 and abs(res.accuracy[2] - 0.5) < 0.15
+    assert (res.ci_low <= res.accuracy).all() and (res.accuracy <= res.ci_high).all()
+
+
+def test_delta_directions_recover_a_planted_rank():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((32, 3)))[0]
+    deltas = rng.standard_normal((500, 3)) @ basis.T
+    directions, share = delta_directions(deltas)
+    assert share[:3].sum() == pytest.approx(1.0, abs=1e-9)
+    proj = directions[:, :3] @ directions[:, :3].T
+    assert np.allclose(proj @ basis, basis, atol=1e-8)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_low_rank_recovery_on_a_planted_rank_change(tiny, builtin_prefs, rank):
+    pair = planted_pair(tiny, layer=2, rank=rank, kind="rank", scale=1.0)
+    res = low_rank_recovery(pair, builtin_prefs[:24], builtin_prefs[100:124], layer=2, ks=[1, 2, 4, 64],
+                            n_boot=200, progress=False)
+    assert res.spectrum.cumulative.iloc[rank - 1] == pytest.approx(1.0, abs=1e-6)
+    pca = res.recovery[res.recovery.basis == "pca"].set_index("k").share_of_full
+    rand = res.recovery[res.recovery.basis == "random"].set_index("k").share_of_full
+    assert pca[rank] == pytest.approx(1.0, abs=1e-3)
+    assert res.k90 == rank or (rank > 1 and pca[rank // 2] >= 0.9 and res.k90 < rank)
+    assert abs(rand[rank]) < 0.5
+
+
+def test_analyses_run_end_to_end_on_the_tiny_pair(tiny, builtin_prefs):
+    from alignlib import score
+
+    prefs = builtin_prefs[:40]
+    acts = response_activations(tiny, prefs, progress=False)
+    assert list(acts.distances.columns) == ["id", "layer", "distance", "relative", "cosine"]
+    assert len(acts.distances) == 40 * tiny.n_layers
+    assert (acts.distances.distance > 0).all() and (acts.distances.cosine <= 1 + 1e-6).all()
+    gain = score(tiny, prefs, progress=False).set_index("id").reward_gain.loc[acts.ids]
+    res = lasso_layers(acts.distances_wide(), gain.to_numpy(), n_boot=20)
+    assert len(res.coefficients) == tiny.n_layers
+    probes = probe_layers(acts.pooled)
+    assert set(probes.model) == {"base", "tuned"} and len(probes) == 2 * tiny.n_layers
+
+
+def test_activation_distances_are_zero_for_identical_models(tiny, builtin_prefs):
+    from alignlib import ModelPair
+
+    same = ModelPair(tiny.base, tiny.base, tiny.tokenizer, "same")
+    acts = response_activations(same, builtin_prefs[:4], progress=False)
+    assert (acts.distances.distance == 0).all()
+    assert np.allclose(acts.distances.cosine, 1, atol=1e-6)
+
+
+def test_planted_pairs_differ_only_where_planted(tiny):
+    import torch
+
+    from alignlib.models import decoder_layers
+
+    pair = planted_pair(tiny, layer=1, kind="weights")
+    for i, (a, b) in enumerate(zip(decoder_layers(pair.base), decoder_layers(pair.tuned))):
+        same = all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+        assert same == (i != 1)
+    with pytest.raises(ValueError, match="needs layer"):
+        planted_pair(tiny, kind="weights")
+    with pytest.raises(ValueError, match="unknown kind"):
+        planted_pair(tiny, layer=0, kind="magic")

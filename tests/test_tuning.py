@@ -1,0 +1,87 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from alignlib import ModelPair, score
+from alignlib.builtin import tiny_model, tiny_tokenizer
+from alignlib.tuning import DPOConfig, cached_model, dpo_loss, make_tuned
+
+
+def test_dpo_loss_on_a_hand_worked_example():
+    # policy moved chosen up by 1 and rejected down by 1 nat relative to the reference:
+    # margin = (-1 - -2) - (-3 - -2) = 2; beta * margin = 1; loss = -log sigmoid(1) = log(1 + e^-1)
+    loss = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-7)
+    # at the reference the loss is log 2 whatever beta is
+    zero = dpo_loss(torch.tensor([-5.0]), torch.tensor([-7.0]), torch.tensor([-5.0]), torch.tensor([-7.0]), 3.0)
+    assert zero.item() == pytest.approx(math.log(2))
+
+
+def test_a_short_dpo_run_raises_the_margin_of_its_training_pairs(tiny, builtin_prefs):
+    prefs = builtin_prefs[:24]
+    before = [p.clone() for p in tiny.base.parameters()]
+    tuned, log = make_tuned(tiny.base, tiny.tokenizer, prefs,
+                            DPOConfig(lr=1e-3, epochs=3, batch_size=8, warmup_steps=1), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny.base.parameters()))  # the base is untouched
+    table = score(ModelPair(tiny.base, tuned, tiny.tokenizer, "t"), prefs, progress=False)
+    assert table.reward_gain.mean() > 1.0
+    assert (table.reward_gain > 0).mean() > 0.75
+    assert log.loss.iloc[0] == pytest.approx(math.log(2), abs=0.05)  # starts at the reference
+    assert log.loss.iloc[-3:].mean() < log.loss.iloc[:3].mean()
+    assert list(log.columns) == ["step", "epoch", "loss", "reward_margin", "reward_accuracy", "seconds"]
+
+
+def test_dpo_is_deterministic(tiny, builtin_prefs):
+    cfg = DPOConfig(lr=1e-3, epochs=1, batch_size=8)
+    a, _ = make_tuned(tiny.base, tiny.tokenizer, builtin_prefs[:16], cfg, progress=False)
+    b, _ = make_tuned(tiny.base, tiny.tokenizer, builtin_prefs[:16], cfg, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.fixture()
+def scratch_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_cache_loads_rebuilds_on_config_change_and_recovers_from_corruption(scratch_cache):
+    tok = tiny_tokenizer()
+    builds = []
+
+    def build(seed):
+        def run():
+            builds.append(seed)
+            return tiny_model(tok, seed=seed), tok, pd.DataFrame({"step": [0]})
+        return run
+
+    first, _ = cached_model("m", {"seed": 1}, build(1), progress=False)
+    again, _ = cached_model("m", {"seed": 1}, build(1), progress=False)
+    assert builds == [1]  # the second load did not rebuild
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+    assert (scratch_cache / "tuned" / "m" / "training_log.csv").is_file()
+
+    with pytest.warns(UserWarning, match="config changed"):
+        changed, _ = cached_model("m", {"seed": 2}, build(2), progress=False)
+    assert builds == [1, 2]
+
+    weights = next((scratch_cache / "tuned" / "m").glob("*.safetensors"))
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="unreadable"):
+        rebuilt, _ = cached_model("m", {"seed": 2}, build(2), progress=False)
+    assert builds == [1, 2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(changed.parameters(), rebuilt.parameters()))
+
+
+def test_tiny_pair_is_really_preference_tuned(tiny, builtin_prefs):
+    table = score(tiny, builtin_prefs, progress=False)
+    assert table.reward_gain.mean() > 0
+    assert (table.margin_tuned > 0).mean() > (table.margin_base > 0).mean()
+
+
+def test_smollm2_training_rows_never_overlap_the_analysis_rows():
+    from alignlib.builtin import smollm2_pair
+
+    with pytest.raises(ValueError, match="rows from 1000 on are for analysis"):
+        smollm2_pair(rows=(900, 1100))
