@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--llama1b", type=int, default=0, help="also time this many pairs on a random 1B-shaped pair")
     ap.add_argument("--skip-plain", action="store_true")
+    ap.add_argument("--bf16", type=int, default=2, help="pairs to score in bf16 against fp32 (0: skip)")
     args = ap.parse_args()
 
     pair = load_pair("smollm2")
@@ -109,6 +110,26 @@ def main():
     print(f"\n{'method':58s} {'s/sequence':>10s} {'x bound':>8s} {'x fast':>7s}")
     for name, seconds in rows:
         print(f"{name:58s} {seconds / n_seq:10.2f} {seconds / bound:8.2f} {seconds / fast:7.2f}")
+
+    if args.bf16:
+        from alignlib import score
+
+        sub = encoded[: args.bf16]
+        t32 = timed(lambda: score(pair, sub, progress=False))
+        ref = score(pair, sub, progress=False)
+        for m in (pair.base, pair.tuned):
+            m.to(torch.bfloat16)
+        t16 = timed(lambda: score(pair, sub, progress=False))
+        low = score(pair, sub, progress=False)
+        for m in (pair.base, pair.tuned):
+            m.to(torch.float32)
+        cols = ["logp_chosen_base", "logp_rejected_base", "logp_chosen_tuned", "logp_rejected_tuned"]
+        err = (low[cols] - ref[cols]).abs().to_numpy()
+        gain_err = (low.reward_gain - ref.reward_gain).abs().max()
+        print(f"
+bf16 vs fp32 on {len(sub)} pairs: scoring {t16 / t32:.1f}x the fp32 time; summed response "
+              f"log-prob off by {err.mean():.2f} nats on average (max {err.max():.2f}); reward gain off by up to "
+              f"{gain_err:.2f} nats (fp32 gains: {', '.join(f'{g:.2f}' for g in ref.reward_gain)})")
 
     if args.llama1b:
         from transformers import LlamaConfig, LlamaForCausalLM

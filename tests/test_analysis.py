@@ -100,3 +100,35 @@ def test_planted_pairs_differ_only_where_planted(tiny):
         planted_pair(tiny, kind="weights")
     with pytest.raises(ValueError, match="unknown kind"):
         planted_pair(tiny, layer=0, kind="magic")
+
+
+def test_lasso_with_patching_effects_as_the_target(tiny, builtin_prefs):
+    from alignlib import patch_sweep
+
+    prefs = builtin_prefs[:24]
+    acts = response_activations(tiny, prefs, progress=False)
+    sweep = patch_sweep(tiny, prefs, site="block", controls=[], chunk_size=24, progress=False)
+    effects = sweep.pairs.pivot(index="id", columns="layer", values="effect").loc[acts.ids]
+    res = lasso_layers(acts.distances_wide(), effects.sum(axis=1).to_numpy(), n_boot=20)
+    assert len(res.stability) == tiny.n_layers
+
+
+def test_standard_figures_draw_from_the_tables():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from alignlib import plots
+
+    summary = pd.DataFrame({"layer": [0, 1, 0, 1], "control": ["patch", "patch", "noise", "noise"],
+                            "recovery": [0.1, 0.9, 0.0, 0.05], "ci_low": [0, 0.8, -0.1, 0], "ci_high": [0.2, 1, 0.1, 0.1]})
+    assert len(plots.layer_profile(summary).get_lines()) >= 2
+    path = pd.DataFrame({"alpha": [1, 0.1, 1, 0.1], "layer": [0, 0, 1, 1], "coef": [0, 0.5, 0, 0]})
+    stab = pd.DataFrame({"layer": [0, 1], "selection_frequency": [1.0, 0.1]})
+    assert len(plots.lasso_path(path, stab, alpha=0.1)) == 2
+    table = pd.DataFrame({"basis": ["pca", "pca", "random", "random"], "k": [1, 2, 1, 2],
+                          "share_of_full": [0.5, 1, 0.01, 0.02], "share_ci_low": [0.4, 0.9, 0, 0],
+                          "share_ci_high": [0.6, 1.1, 0.05, 0.05]})
+    assert len(plots.recovery_vs_k(table).get_lines()) >= 2
+    probes = pd.DataFrame({"model": ["base", "tuned"], "layer": [0, 0], "accuracy": [0.6, 0.7],
+                           "ci_low": [0.5, 0.6], "ci_high": [0.7, 0.8]})
+    assert plots.probe_accuracy(probes).get_ylim() == (0.3, 1.02)

@@ -62,8 +62,9 @@ FACTS = [
 @pytest.mark.slow
 def test_real_smollm2_prefers_right_answers_to_wrong_ones():
     from alignlib import load_pair, load_preferences
+    from alignlib.models import smollm2_gguf
 
-    pair = load_pair("smollm2")
+    pair = load_pair(str(smollm2_gguf()))  # the GGUF file itself: the base alone, no tuned side to build
     assert pair.n_layers == 30
     prefs = load_preferences([{"prompt": f"\n\nHuman: {q}\n\nAssistant:", "chosen": c, "rejected": r}
                               for q, c, r in FACTS])

@@ -198,8 +198,9 @@ def test_a_sweep_killed_by_sigkill_resumes_without_recomputing(tiny, builtin_pre
 @pytest.mark.slow
 def test_fast_path_equals_plain_path_on_smollm2_with_padding():
     from alignlib import load_preferences
+    from alignlib.models import smollm2_gguf
 
-    base = load_pair("smollm2")
+    base = load_pair(str(smollm2_gguf()))
     pair = one_layer_pair(base, 12, scale=0.05)
     prefs = load_preferences("builtin")[:3]
     kw = dict(site=SITES, layers=[0, 12, 29], controls=["identity"], batch_size=6, chunk_size=3, progress=False)
