@@ -1,6 +1,6 @@
 """Build the embedded SmolLM2 DPO pair and measure what DPO changed on held-out HH-RLHF rows.
 
-    python benchmarks/build_smollm2_pair.py [--rows 0:300] [--epochs 1] [--eval-rows 1000:1256]
+    python benchmarks/build_smollm2_pair.py [--rows 0:300] [--epochs 1] [--lr 5e-5] [--eval-rows 1000:1256]
 
 Prints the build time, held-out preference accuracy of both models with 95% CIs (summed and
 length-normalised margins), the mean reward gain with its CI, the share of pairs with a positive
@@ -27,11 +27,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default=f"{SMOLLM2_ROWS[0]}:{SMOLLM2_ROWS[1]}")
     ap.add_argument("--epochs", type=int, default=SMOLLM2_DPO.epochs)
+    ap.add_argument("--lr", type=float, default=SMOLLM2_DPO.lr)
     ap.add_argument("--eval-rows", default="1000:1256")
     ap.add_argument("--max-length", type=int, default=512)
     args = ap.parse_args()
     rows = tuple(int(x) for x in args.rows.split(":"))
-    config = dataclasses.replace(SMOLLM2_DPO, epochs=args.epochs)
+    config = dataclasses.replace(SMOLLM2_DPO, epochs=args.epochs, lr=args.lr)
     t = time.perf_counter()
     base, tuned, tok = smollm2_pair(config, rows)
     print(f"pair ready in {time.perf_counter() - t:.0f} s (training rows {rows}, {config})", flush=True)

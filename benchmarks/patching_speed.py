@@ -126,8 +126,7 @@ def main():
         cols = ["logp_chosen_base", "logp_rejected_base", "logp_chosen_tuned", "logp_rejected_tuned"]
         err = (low[cols] - ref[cols]).abs().to_numpy()
         gain_err = (low.reward_gain - ref.reward_gain).abs().max()
-        print(f"
-bf16 vs fp32 on {len(sub)} pairs: scoring {t16 / t32:.1f}x the fp32 time; summed response "
+        print(f"\nbf16 vs fp32 on {len(sub)} pairs: scoring {t16 / t32:.1f}x the fp32 time; summed response "
               f"log-prob off by {err.mean():.2f} nats on average (max {err.max():.2f}); reward gain off by up to "
               f"{gain_err:.2f} nats (fp32 gains: {', '.join(f'{g:.2f}' for g in ref.reward_gain)})")
 
