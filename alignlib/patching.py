@@ -105,6 +105,8 @@ def patch_sweep(
     positions = _check_positions(positions)
     encoded = prefs if prefs and isinstance(prefs[0], EncodedPair) else encode_pairs(
         pair.tokenizer, prefs, max_length=max_length, chat_template=chat_template)
+    if len(encoded) == 0:
+        raise ValueError("no preference pairs to patch")
     if "shuffled" in controls and len(encoded) < 2:
         raise ValueError("the shuffled control needs at least 2 pairs")
     chunks = _chunks(encoded, chunk_size)
@@ -115,7 +117,7 @@ def patch_sweep(
 
     run = None
     if run_dir is not None:
-        config = dict(pair=pair.name, ids_sha1=_sha1([e.id for e in encoded]), tokens_sha1=_sha1(
+        config = dict(pair=pair.name, weights_sha1={r: _fingerprint(m) for r, m in pair.models.items()}, ids_sha1=_sha1([e.id for e in encoded]), tokens_sha1=_sha1(
             [[e.chosen, e.rejected] for e in encoded]), sites=sites, directions=directions, positions=positions,
             layers=[int(l) for l in layers], controls=list(controls), method=method, batch_size=batch_size,
             chunk_size=chunk_size, seed=seed, dtype=str(next(pair.base.parameters()).dtype),
@@ -324,6 +326,12 @@ def _chunks(encoded, chunk_size):
 
 def _cell_seed(*parts) -> int:
     return int(hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:8], 16)
+
+
+def _fingerprint(model) -> str:
+    """A cheap identity for a model's weights, so a run folder is never resumed with other weights."""
+    with torch.no_grad():
+        return _sha1([(n, list(p.shape), float(p.double().sum())) for n, p in model.named_parameters()])
 
 
 def _sha1(obj) -> str:

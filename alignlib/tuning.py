@@ -27,12 +27,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import random
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch

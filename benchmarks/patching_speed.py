@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from alignlib import ModelPair, encode_pairs, load_pair, load_preferences
+from alignlib import encode_pairs, load_pair, load_preferences
 from alignlib.data import collate
 from alignlib.hooks import capture, patch
 from alignlib.metrics import pad_id

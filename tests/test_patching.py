@@ -1,7 +1,6 @@
 """Invariants of layer-wise patching, held to tight tolerances on the tiny pair (and SmolLM2, slow)."""
 
 import copy
-import os
 import subprocess
 import sys
 import textwrap
@@ -139,6 +138,8 @@ def test_bad_arguments_get_clear_errors(tiny, prefs):
         patch_sweep(tiny, prefs, positions="middle")
     with pytest.raises(PairError, match="no tuned side"):
         patch_sweep(ModelPair(tiny.base, None, tiny.tokenizer, "base-only"), prefs)
+    with pytest.raises(ValueError, match="no preference pairs"):
+        patch_sweep(tiny, [])
 
 
 def test_hooks_are_removed_even_when_the_forward_raises(tiny):
@@ -193,6 +194,9 @@ def test_a_sweep_killed_by_sigkill_resumes_without_recomputing(tiny, builtin_pre
     pd.testing.assert_frame_equal(resumed.summary, fresh.summary)
     with pytest.raises(ValueError, match="another config"):
         patch_sweep(tiny, builtin_prefs[:8], run_dir=run, site="resid", chunk_size=2, progress=False)
+    other = ModelPair(tiny.base, tiny.base, tiny.tokenizer, tiny.name)  # same name, other weights
+    with pytest.raises(ValueError, match="weights_sha1"):
+        patch_sweep(other, builtin_prefs[:8], run_dir=run, **kw)
 
 
 @pytest.mark.slow
