@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .data import load_preferences
+from .runs import sha1
 from .tuning import DPOConfig, cached_model, config_record, make_tuned
 
 NAMES = ("tiny", "smollm2")
@@ -59,7 +60,7 @@ def smollm2_pair(config: DPOConfig = SMOLLM2_DPO, rows: tuple[int, int] = SMOLLM
     base, tok = load_gguf(gguf)
     record = config_record(config, base=gguf.name, data=f"hh-rlhf/harmless-base/test rows {rows[0]}-{rows[1] - 1}")
     default = config == SMOLLM2_DPO and rows == SMOLLM2_ROWS
-    name = "smollm2-dpo" if default else f"smollm2-dpo-{_short_hash(record)}"
+    name = "smollm2-dpo" if default else f"smollm2-dpo-{sha1(record)[:10]}"
     tuned, _ = cached_model(name, record, lambda: _dpo(base, tok, load_preferences("hh-rlhf", rows=rows), config))
     return base, tuned, tok
 
@@ -68,12 +69,6 @@ def _dpo(base, tok, prefs, config: DPOConfig = TINY_DPO):
     tuned, log = make_tuned(base, tok, prefs, config)
     return tuned, tok, log
 
-
-def _short_hash(record) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def tiny_tokenizer():

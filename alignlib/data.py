@@ -359,6 +359,17 @@ def dialogue_messages(prompt: str) -> list[dict[str, str]]:
     return messages
 
 
+def sequences(encoded: Sequence[EncodedPair]) -> list[tuple[list[int], int]]:
+    """(ids, response start) of every chosen sequence, then every rejected one: i and i + n are pair i."""
+    return [(e.chosen, e.chosen_start) for e in encoded] + [(e.rejected, e.rejected_start) for e in encoded]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length (shortest first), so that little of a batch is padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 @dataclass
 class Batch:
     """Right-padded sequences; `response_mask[b, t]` marks tokens whose log-prob is scored."""

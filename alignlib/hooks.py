@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .models import decoder_layers, sublayer
+from .models import decoder_layers, final_hidden, sublayer
 
 SITES = ("resid", "block", "attn", "mlp")
 
@@ -163,8 +163,7 @@ def returns_tuple(model: nn.Module) -> bool:
     """Whether the model's decoder layers return tuples; learned from one tiny forward if unknown."""
     if model not in _RETURNS_TUPLE:
         with torch.no_grad(), capture(model, layers=[0]):
-            device = next(model.parameters()).device
-            model.base_model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+            final_hidden(model, torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device))
     return _RETURNS_TUPLE[model]
 
 
@@ -196,9 +195,4 @@ def resume_from(model: nn.Module, start: int, stream: torch.Tensor):
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
-
-
-def final_hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
-    """The backbone's last hidden state (after the final norm), with no cache."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 

@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import EncodedPair, PreferencePair, collate, encode_pairs
-from .models import ModelPair, logits
+from .data import EncodedPair, PreferencePair, collate, encode_pairs, length_batches, sequences
+from .models import ModelPair, final_hidden, logits
 
 
 def token_logprobs(model, final_hidden: torch.Tensor, input_ids: torch.Tensor,
@@ -39,7 +39,7 @@ def sequence_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, count) of response log-probs for each row of a padded `Batch`."""
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = final_hidden(model, ids, mask)
     sums, counts = token_logprobs(model, hidden, ids, batch.response_mask.to(device))
     return sums.cpu(), counts.cpu()
 
@@ -94,13 +94,11 @@ def _encoded(pair, prefs, **kw) -> list[EncodedPair]:
 
 def _score_model(model, encoded: list[EncodedPair], tokenizer, batch_size: int, desc: str | None):
     """Sum log-probs of every chosen and rejected sequence, batched by length to limit padding."""
-    seqs = [(e.chosen, e.chosen_start) for e in encoded] + [(e.rejected, e.rejected_start) for e in encoded]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    seqs = sequences(encoded)
     out = np.zeros(len(seqs))
     pad = pad_id(tokenizer)
-    starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc=desc, disable=desc is None, leave=False):
-        idx = order[s : s + batch_size]
+    for idx in tqdm(length_batches([len(ids) for ids, _ in seqs], batch_size), desc=desc, disable=desc is None,
+                    leave=False):
         sums, _ = sequence_logprobs(model, collate([seqs[i] for i in idx], pad))
         out[idx] = sums.numpy()
     n = len(encoded)

@@ -235,6 +235,11 @@ def final_norm(model: nn.Module) -> nn.Module:
     raise PairError(f"{type(model).__name__}: no final norm among {_NORM_NAMES}")
 
 
+def final_hidden(model: nn.Module, input_ids, attention_mask=None) -> torch.Tensor:
+    """The backbone's last hidden state (after the final norm), with no cache."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
 def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits from final (already normed) hidden states, with any logit soft-capping."""
     out = model.get_output_embeddings()(hidden)

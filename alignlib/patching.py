@@ -24,8 +24,6 @@ resumes where it stopped and gives the same numbers.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from itertools import product
 from typing import Iterable, Sequence
@@ -35,10 +33,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import EncodedPair, collate, encode_pairs
-from .hooks import SITES, capture, check_site, final_hidden, patch, resume_from
+from .data import EncodedPair, collate, encode_pairs, length_batches, sequences
+from .hooks import SITES, capture, check_site, patch, resume_from
 from .metrics import pad_id, recovery, token_logprobs
-from .models import ModelPair, decoder_layers, final_norm
+from .models import ModelPair, decoder_layers, final_hidden, final_norm
+from .runs import sha1
 from .runs import RunFolder
 
 DIRECTIONS = {"tuned_to_base": ("base", "tuned"), "base_to_tuned": ("tuned", "base")}  # receiver, donor
@@ -117,11 +116,11 @@ def patch_sweep(
 
     run = None
     if run_dir is not None:
-        config = dict(pair=pair.name, weights_sha1={r: _fingerprint(m) for r, m in pair.models.items()}, ids_sha1=_sha1([e.id for e in encoded]), tokens_sha1=_sha1(
+        config = dict(pair=pair.name, weights_sha1={r: _fingerprint(m) for r, m in pair.models.items()}, ids_sha1=sha1([e.id for e in encoded]), tokens_sha1=sha1(
             [[e.chosen, e.rejected] for e in encoded]), sites=sites, directions=directions, positions=positions,
             layers=[int(l) for l in layers], controls=list(controls), method=method, batch_size=batch_size,
             chunk_size=chunk_size, seed=seed, dtype=str(next(pair.base.parameters()).dtype),
-            subspaces={k: _sha1(u.tolist()) for k, u in subspaces.items()})
+            subspaces={k: sha1(u.tolist()) for k, u in subspaces.items()})
         run = RunFolder(run_dir, config)
 
     tables = []
@@ -184,9 +183,8 @@ class _Chunk:
 
     def __init__(self, pair, encoded, batch_size, sublayer_sites, seed, index):
         n = self.n = len(encoded)
-        self.seqs = [(e.chosen, e.chosen_start) for e in encoded] + [(e.rejected, e.rejected_start) for e in encoded]
-        order = sorted(range(2 * n), key=lambda i: len(self.seqs[i][0]))
-        self.batches = [order[s : s + batch_size] for s in range(0, 2 * n, batch_size)]
+        self.seqs = sequences(encoded)
+        self.batches = length_batches([len(ids) for ids, _ in self.seqs], batch_size)
         self.padded = [collate([self.seqs[i] for i in idx], pad_id(pair.tokenizer)) for idx in self.batches]
         self.where = {seq: (b, r) for b, idx in enumerate(self.batches) for r, seq in enumerate(idx)}
         self.caps = {role: [_Captured(m, p, sublayer_sites) for p in self.padded] for role, m in pair.models.items()}
@@ -325,17 +323,15 @@ def _chunks(encoded, chunk_size):
 
 
 def _cell_seed(*parts) -> int:
-    return int(hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:8], 16)
+    return int(sha1(list(parts))[:8], 16)
 
 
 def _fingerprint(model) -> str:
     """A cheap identity for a model's weights, so a run folder is never resumed with other weights."""
     with torch.no_grad():
-        return _sha1([(n, list(p.shape), float(p.double().sum())) for n, p in model.named_parameters()])
+        return sha1([(n, list(p.shape), float(p.double().sum())) for n, p in model.named_parameters()])
 
 
-def _sha1(obj) -> str:
-    return hashlib.sha1(json.dumps(obj).encode()).hexdigest()
 
 
 __all__ = ["CONTROLS", "DIRECTIONS", "SITES", "Sweep", "patch_sweep", "summarize"]

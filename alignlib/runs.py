@@ -7,6 +7,7 @@ A rerun with a different config is refused rather than mixed into old results.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -30,6 +31,11 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def sha1(obj) -> str:
+    """A stable digest of anything JSON can write (configs, id lists, token ids)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import atomic_dir, cache_dir
-from .data import collate, encode_pairs
+from .data import collate, encode_pairs, length_batches, sequences
 from .metrics import pad_id, token_logprobs
+from .models import final_hidden
 from .runs import versions
 
 
@@ -75,7 +76,7 @@ def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, progr
     encoded = encode_pairs(tokenizer, prefs, max_length=config.max_length,
                            max_response_tokens=config.max_response_tokens)
     pad = pad_id(tokenizer)
-    batches = _length_buckets(encoded, config.batch_size)
+    batches = length_batches([max(len(e.chosen), len(e.rejected)) for e in encoded], config.batch_size)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast)
 
     reference = {}
@@ -124,17 +125,10 @@ def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, progr
 
 def _pair_logprobs(model, pairs, pad) -> torch.Tensor:
     """(n, 2) summed response log-probs of (chosen, rejected), one padded forward for both."""
-    batch = collate([(e.chosen, e.chosen_start) for e in pairs] + [(e.rejected, e.rejected_start) for e in pairs], pad)
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              use_cache=False).last_hidden_state
+    batch = collate(sequences(pairs), pad)
+    hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
     sums, _ = token_logprobs(model, hidden, batch.input_ids, batch.response_mask)
     return sums.view(2, len(pairs)).T
-
-
-def _length_buckets(encoded, batch_size: int) -> list[list[int]]:
-    """Batches of pairs of similar length, so little of each batch is padding."""
-    order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i].chosen), len(encoded[i].rejected)))
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..data import EncodedPair, collate, encode_pairs
+from ..data import EncodedPair, collate, encode_pairs, length_batches, sequences
 from ..hooks import capture
 from ..metrics import pad_id
-from ..models import ModelPair
+from ..models import ModelPair, final_hidden
 
 
 @dataclass
@@ -43,21 +43,20 @@ def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: 
     encoded = prefs if len(prefs) and isinstance(prefs[0], EncodedPair) else encode_pairs(
         pair.tokenizer, prefs, max_length=max_length, chat_template=chat_template)
     n, L = len(encoded), pair.n_layers
-    seqs = [(e.chosen, e.chosen_start) for e in encoded] + [(e.rejected, e.rejected_start) for e in encoded]
-    order = sorted(range(2 * n), key=lambda i: len(seqs[i][0]))
+    seqs = sequences(encoded)
     hidden = pair.base.config.hidden_size
     pooled = {role: np.zeros((L, n, 2, hidden), dtype=np.float32) for role in ("base", "tuned")}
     sums = np.zeros((3, L, n))  # distance, relative, cosine summed over response tokens
     counts = np.zeros(n)
     deltas = {l: [] for l in keep_deltas}
     delta_pair = []
-    for s in tqdm(range(0, 2 * n, batch_size), desc="capturing", disable=not progress):
-        idx = order[s : s + batch_size]
+    for idx in tqdm(length_batches([len(ids) for ids, _ in seqs], batch_size), desc="capturing",
+                    disable=not progress):
         batch = collate([seqs[i] for i in idx], pad_id(pair.tokenizer))
         acts = {}
         for role, model in pair.models.items():
             with torch.inference_mode(), capture(model) as a:
-                model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                final_hidden(model, batch.input_ids, batch.attention_mask)
             acts[role] = a
         mask = batch.response_mask
         for r, seq in enumerate(idx):

@@ -15,6 +15,8 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ..metrics import bootstrap_ci
+
 
 def probe_layers(pooled: dict[str, np.ndarray], *, n_splits: int = 5, C: float = 1.0, n_boot: int = 1000,
                  seed: int = 0) -> pd.DataFrame:
@@ -40,9 +42,6 @@ def probe_layers(pooled: dict[str, np.ndarray], *, n_splits: int = 5, C: float =
                 clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
                 clf.fit(X[train], y[train])
                 correct[test] = clf.predict(X[test]) == y[test]
-            per_pair = correct.reshape(n_pairs, 2).mean(1)
-            idx = np.random.default_rng(seed).integers(0, n_pairs, (n_boot, n_pairs))
-            low, high = np.quantile(per_pair[idx].mean(1), [0.025, 0.975])
-            rows.append(dict(model=role, layer=layer, accuracy=per_pair.mean(), ci_low=low, ci_high=high,
-                             n_pairs=n_pairs))
+            accuracy, low, high = bootstrap_ci(np.mean, correct.reshape(n_pairs, 2).mean(1), n_boot=n_boot, seed=seed)
+            rows.append(dict(model=role, layer=layer, accuracy=accuracy, ci_low=low, ci_high=high, n_pairs=n_pairs))
     return pd.DataFrame(rows)
