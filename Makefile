@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh clone:
-#   make book   installs what it needs and runs the main job
+#   make book   installs what it needs, executes the notebooks and builds the book (_build/html)
 #   make test   installs what it needs and runs the tests
 # Both install into ./.venv (override with VENV=...). PYTHON picks the interpreter for the venv.
 
@@ -27,8 +27,9 @@ $(STAMP): requirements.txt pyproject.toml
 test: setup
 	$(PY) -m pytest -ra
 
+# The main job: execute every notebook with papermill (cached in runs/main), re-pair, build the book.
 book: setup
-	$(PY) -m alignlib score --pair smollm2 --data builtin --rows 0:100 --out runs/main
+	$(PY) book/main_job.py --run-dir runs/main
 
 clean:
 	rm -rf $(VENV) runs _build

@@ -141,6 +141,26 @@ def patch(model: nn.Module, site: str, layer: int, value: torch.Tensor, position
         yield
 
 
+@contextlib.contextmanager
+def feed_inputs(model: nn.Module, inputs: dict[int, torch.Tensor]):
+    """Inside the block, every layer ``l`` in ``inputs`` reads ``inputs[l]`` instead of the stream.
+
+    With the base model's layer inputs fed to the tuned model, each tuned layer's contribution is
+    computed on exactly the base's input, which isolates what the layer itself changed from what it
+    inherited from the layers before it.
+    """
+    layers = decoder_layers(model)
+    with _hooks() as handles:
+        for l, value in inputs.items():
+            def feed(module, args, kwargs, value=value):
+                if args:
+                    return (value, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": value}
+
+            handles.append(layers[check_layer(model, l)].register_forward_pre_hook(feed, with_kwargs=True))
+        yield
+
+
 class _Skip(nn.Module):
     """Stands in for a decoder layer that `resume_from` skips: passes the stream through unchanged."""
 

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import EncodedPair, PreferencePair, collate, encode_pairs, length_batches, sequences
 from .models import ModelPair, final_hidden, logits

@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import EncodedPair, collate, encode_pairs, length_batches, sequences
 from .hooks import SITES, capture, check_site, patch, resume_from

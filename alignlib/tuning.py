@@ -35,12 +35,13 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .cache import atomic_dir, cache_dir
 from .data import collate, encode_pairs, length_batches, sequences
 from .metrics import pad_id, token_logprobs
-from .models import final_hidden
+from .hooks import check_layer
+from .models import decoder_layers, final_hidden
 from .runs import versions
 
 
@@ -66,9 +67,11 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return -F.logsigmoid(beta * margin)
 
 
-def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, progress: bool = True):
+def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, layers=None, progress: bool = True):
     """Return (tuned model, training log) from DPO on ``prefs`` starting at, and referenced to, ``base``.
 
+    ``layers``: decoder layers to train, every other weight frozen (None: full fine-tuning, the
+    default; a subset plants a change whose location is known, see `alignlib.validation`).
     ``base`` itself is not modified. The log has one row per step: loss, mean implicit reward
     margin (beta-scaled) and the share of pairs in the batch whose margin is positive.
     """
@@ -86,9 +89,16 @@ def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, progr
             reference.update(zip(idx, _pair_logprobs(base, [encoded[i] for i in idx], pad).tolist()))
 
     policy = copy.deepcopy(base)
-    policy.requires_grad_(True)
+    if layers is None:
+        policy.requires_grad_(True)
+    else:
+        policy.requires_grad_(False)
+        blocks = decoder_layers(policy)
+        for l in layers:
+            blocks[check_layer(policy, l)].requires_grad_(True)
     policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     total = config.epochs * len(batches)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)) * max(0.0, 1 - s / total))
@@ -108,7 +118,7 @@ def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, progr
             loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             schedule.step()
             with torch.no_grad():

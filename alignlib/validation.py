@@ -8,25 +8,36 @@ builders make such pairs from any base model:
 - ``kind="rank"``: layer ``layer``'s MLP output gains a rank-``rank`` change (its output projection
   W becomes W + A B^T), so the tuned stream differs from the base's at that layer only inside the
   ``rank``-dimensional span of A;
+- ``kind="dpo"``: DPO on ``prefs`` with every weight frozen except decoder layer ``layer``'s, so
+  the change is learnt the way real tuning learns it, but only in one known place;
 - ``kind="diffuse"``: every decoder layer moves a little (the same relative size each), so no single
   layer should be reported as the place where the pair differs.
+
+`validate` runs the analysis pipeline (patching, LASSO, low-rank) on such a pair and checks each
+result against the known answer.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from .models import ModelPair, decoder_layers, sublayer
 
-KINDS = ("weights", "rank", "diffuse")
+KINDS = ("weights", "rank", "dpo", "diffuse")
 
 
 def planted_pair(pair: ModelPair, *, layer: int | None = None, rank: int | None = None, kind: str = "weights",
-                 scale: float = 0.3, seed: int = 0) -> ModelPair:
-    """A copy of ``pair.base`` changed in a known way, paired with the base (see the module docstring)."""
+                 scale: float = 0.3, seed: int = 0, prefs=None, dpo=None) -> ModelPair:
+    """A copy of ``pair.base`` changed in a known way, paired with the base (see the module docstring).
+
+    ``prefs`` and ``dpo`` (a `DPOConfig`) are used by ``kind="dpo"`` only.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
     layers = decoder_layers(pair.base)
@@ -34,6 +45,14 @@ def planted_pair(pair: ModelPair, *, layer: int | None = None, rank: int | None 
         raise ValueError(f"kind={kind!r} needs layer in 0..{len(layers) - 1}, got {layer!r}")
     if kind == "rank" and (rank is None or rank < 1):
         raise ValueError("kind='rank' needs rank >= 1")
+    if kind == "dpo":
+        if prefs is None:
+            raise ValueError("kind='dpo' needs prefs= (the preference pairs to tune layer k on)")
+        from .tuning import DPOConfig, make_tuned
+
+        tuned, _ = make_tuned(pair.base, pair.tokenizer, prefs, dpo or DPOConfig(seed=seed), layers=[layer],
+                              progress=False)
+        return ModelPair(pair.base, tuned, pair.tokenizer, f"{pair.name}:planted-dpo-layer{layer}")
     tuned = copy.deepcopy(pair.base)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -54,6 +73,12 @@ def planted_pair(pair: ModelPair, *, layer: int | None = None, rank: int | None 
     return ModelPair(pair.base, tuned, pair.tokenizer, name)
 
 
+def _effect_size(per_pair: pd.DataFrame, site: str, direction: str) -> pd.Series:
+    """Mean |effect| per layer: how much patching the layer moves each pair's margin, whatever the sign."""
+    cell = per_pair[(per_pair.site == site) & (per_pair.direction == direction) & (per_pair.control == "patch")]
+    return cell.effect.abs().groupby(cell.layer).mean()
+
+
 def _perturb(module: nn.Module, scale: float, gen: torch.Generator) -> None:
     for p in module.parameters():
         p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=gen).to(p.dtype))
@@ -65,3 +90,95 @@ def _output_projection(mlp: nn.Module) -> nn.Linear:
     if not linears:
         raise ValueError(f"{type(mlp).__name__}: no nn.Linear output projection to plant a low-rank change in")
     return linears[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline against the known answer
+
+
+@dataclass
+class Validation:
+    """``checks``: one row per check (``check, expected, measured, passed``); ``summary``: the patching sweep."""
+
+    checks: pd.DataFrame
+    summary: pd.DataFrame
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks.passed.all())
+
+
+def validate(planted: ModelPair, prefs, *, layer: int | None, rank: int | None = None, train_prefs=None,
+             lasso_measures=("local", "relative"), max_length: int = 512, n_boot: int = 200,
+             tolerance: float = 0.02, seed: int = 0) -> pd.DataFrame:
+    """Run patching, LASSO and (for rank pairs) low-rank on a planted pair, and check each against the truth.
+
+    layer: the planted layer (None for a diffuse pair, where the check is that no layer dominates).
+    rank: the planted rank, for the low-rank check; it needs ``train_prefs`` (other pairs) to find
+    the directions. lasso_measures: the distance features the LASSO is tried on (see
+    `response_activations`). Columns: ``check, expected, measured, passed``.
+    """
+    from .analysis import lasso_layers, low_rank_recovery, response_activations
+    from .patching import patch_sweep
+
+    sweep = patch_sweep(planted, prefs, site=["resid", "block"], direction=["tuned_to_base", "base_to_tuned"],
+                        controls=[], max_length=max_length, n_boot=n_boot, seed=seed, progress=False)
+    s = sweep.summary
+    rows = []
+
+    def add(check, expected, measured, passed):
+        rows.append(dict(check=check, expected=expected, measured=measured, passed=bool(passed)))
+
+    def curve(site, direction):
+        return s[(s.site == site) & (s.direction == direction)].set_index("layer").recovery.sort_index()
+
+    block = curve("block", "tuned_to_base")
+    if layer is None:
+        # Recovery ratios are meaningless when the mean gain is near zero (random changes carry no
+        # preference), so dominance is judged on the size of each block's effect instead.
+        size = _effect_size(sweep.pairs, "block", "tuned_to_base")
+        share = size / size.sum()
+        add("no single block dominates (largest share of summed |effect| < 0.5)", "< 0.5",
+            f"{share.max():.3f} at layer {int(share.idxmax())}", share.max() < 0.5)
+    else:
+        for direction in ("tuned_to_base", "base_to_tuned"):
+            b, r = curve("block", direction), curve("resid", direction)
+            arrow = direction.replace("_to_", " -> ")
+            before = float(np.abs(b[b.index < layer]).max()) if layer > 0 else 0.0
+            add(f"block ({arrow}): recovery 1 at layer {layer}", "1", f"{b[layer]:.4f}", abs(b[layer] - 1) < tolerance)
+            add(f"block ({arrow}): recovery 0 before layer {layer}", "0", f"{before:.4f}", before < tolerance)
+            size = _effect_size(sweep.pairs, "block", direction)  # by size: ratios mislead when the mean gain is ~0
+            add(f"block ({arrow}): largest effect at layer {layer}", str(layer), str(int(size.idxmax())),
+                int(size.idxmax()) == layer)
+            r_before = float(np.abs(r[r.index < layer]).max()) if layer > 0 else 0.0
+            r_after = float(np.abs(r[r.index >= layer] - 1).max())
+            add(f"resid ({arrow}): 0 before layer {layer}", "0", f"{r_before:.4f}", r_before < tolerance)
+            add(f"resid ({arrow}): 1 from layer {layer} on", "1", f"max |r - 1| = {r_after:.4f}",
+                r_after < tolerance)
+
+    gains = sweep.pairs.query("direction == 'tuned_to_base'").groupby("id", sort=False).gain.first()
+    acts = response_activations(planted, prefs, max_length=max_length, progress=False)
+    for measure in lasso_measures:
+        features = acts.distances_wide(measure).loc[gains.index]
+        lasso = lasso_layers(features, gains.to_numpy(), n_boot=n_boot, seed=seed)
+        stability = lasso.stability.set_index("layer").selection_frequency
+        if layer is None:
+            stable = stability[stability >= 0.9].index.tolist()
+            add(f"LASSO on {measure} distances: no layer selected in >= 90% of resamples", "none",
+                str(stable) if stable else "none", not stable)
+        else:
+            add(f"LASSO on {measure} distances: layer {layer} selected in >= 90% of resamples", ">= 0.90",
+                f"{stability[layer]:.2f}", stability[layer] >= 0.9)
+
+    if rank is not None:
+        if train_prefs is None:
+            raise ValueError("the low-rank check needs train_prefs= (pairs to find the directions on)")
+        ks = sorted({1, 2, 4, 8, rank, max(1, rank // 2)})
+        low = low_rank_recovery(planted, train_prefs, prefs, layer=layer, ks=ks, n_boot=n_boot, seed=seed,
+                                max_length=max_length, progress=False)
+        pca = low.recovery.query("basis == 'pca'").set_index("k").share_of_full
+        add(f"low-rank: >= 0.9 of the full effect at k = {rank}", ">= 0.9", f"{pca[rank]:.3f}", pca[rank] >= 0.9)
+        below = pca[pca.index < rank]
+        add(f"low-rank: < 0.9 for every k < {rank}", "< 0.9", f"{below.max():.3f}" if len(below) else "no k < r",
+            (below < 0.9).all())
+    return Validation(pd.DataFrame(rows), s)

@@ -68,7 +68,7 @@ def test_analyses_run_end_to_end_on_the_tiny_pair(tiny, builtin_prefs):
 
     prefs = builtin_prefs[:40]
     acts = response_activations(tiny, prefs, progress=False)
-    assert list(acts.distances.columns) == ["id", "layer", "distance", "relative", "cosine"]
+    assert list(acts.distances.columns) == ["id", "layer", "distance", "relative", "cosine", "local"]
     assert len(acts.distances) == 40 * tiny.n_layers
     assert (acts.distances.distance > 0).all() and (acts.distances.cosine <= 1 + 1e-6).all()
     gain = score(tiny, prefs, progress=False).set_index("id").reward_gain.loc[acts.ids]

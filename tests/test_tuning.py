@@ -85,3 +85,20 @@ def test_smollm2_training_rows_never_overlap_the_analysis_rows():
 
     with pytest.raises(ValueError, match="rows from 1000 on are for analysis"):
         smollm2_pair(rows=(900, 1100))
+
+
+def test_tiny_base_builds_identically_from_scratch(monkeypatch):
+    """Two fresh builds (tokenizer training, seeded init, LM training) give bit-identical weights.
+
+    The LM phase is shortened to a few steps: every step runs the same code, so determinism over a
+    few steps is determinism over all of them.
+    """
+    from alignlib import builtin
+
+    monkeypatch.setitem(builtin.TINY_LM, "steps", 5)
+    tok_a, tok_b = builtin.tiny_tokenizer(), builtin.tiny_tokenizer()
+    assert tok_a.get_vocab() == tok_b.get_vocab()
+    a, b = builtin.tiny_pretrained(tok_a), builtin.tiny_pretrained(tok_b)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in
+                   zip(a.state_dict().values(), builtin.tiny_model(tok_a, seed=builtin.TINY_SEED).state_dict().values()))

@@ -1,8 +1,12 @@
 """Response-token activations of both models from one capture pass: distances, pooled means, deltas.
 
-Everything the LASSO, low-rank and probe analyses need comes from a single forward of each model
-per batch (no extra forwards): per pair and layer the mean over response tokens (of both the chosen
-and the rejected sequence) of ||h_T - h_B||, of ||h_T - h_B|| / ||h_B|| and of cos(h_T, h_B); per
+Everything the LASSO, low-rank and probe analyses need comes from one forward of each model per
+batch, plus one more of the tuned model: per pair and layer the mean over response tokens (of both
+the chosen and the rejected sequence) of ||h_T - h_B|| (``distance``), of ||h_T - h_B|| / ||h_B||
+(``relative``), of cos(h_T, h_B) (``cosine``) and of ``local``: ||f_T(x_B) - f_B(x_B)|| / ||h_B||,
+the difference between what the tuned and the base layer add to the *same* input x_B (the base's
+input to that layer). The first three accumulate every earlier layer's change, so a change made at
+one layer shows in every later layer's distance; ``local`` isolates the layer itself. Per
 sequence and layer the mean response activation of each model (for probes); and, at requested
 layers, every response token's difference h_T - h_B (for the low-rank analysis).
 """
@@ -14,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..data import EncodedPair, collate, encode_pairs, length_batches, sequences
-from ..hooks import capture
+from ..hooks import capture, feed_inputs
 from ..metrics import pad_id
 from ..models import ModelPair, final_hidden
 
@@ -26,7 +30,7 @@ from ..models import ModelPair, final_hidden
 class ResponseActivations:
     ids: list[str]
     n_layers: int
-    distances: pd.DataFrame  # id, layer, distance, relative, cosine
+    distances: pd.DataFrame  # id, layer, distance, relative, cosine, local
     pooled: dict[str, np.ndarray]  # model -> (n_layers, n_pairs, 2, hidden): response means of (chosen, rejected)
     deltas: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (tokens, hidden): h_T - h_B
     delta_pair: np.ndarray | None = None  # pair index of each delta row
@@ -46,7 +50,7 @@ def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: 
     seqs = sequences(encoded)
     hidden = pair.base.config.hidden_size
     pooled = {role: np.zeros((L, n, 2, hidden), dtype=np.float32) for role in ("base", "tuned")}
-    sums = np.zeros((3, L, n))  # distance, relative, cosine summed over response tokens
+    sums = np.zeros((4, L, n))  # distance, relative, cosine, local summed over response tokens
     counts = np.zeros(n)
     deltas = {l: [] for l in keep_deltas}
     delta_pair = []
@@ -58,6 +62,10 @@ def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: 
             with torch.inference_mode(), capture(model) as a:
                 final_hidden(model, batch.input_ids, batch.attention_mask)
             acts[role] = a
+        base_inputs = {l: acts["base"]["input", 0] if l == 0 else acts["base"]["resid", l - 1] for l in range(L)}
+        with torch.inference_mode(), capture(pair.tuned, sites=("block",)) as local, \
+                feed_inputs(pair.tuned, base_inputs):
+            final_hidden(pair.tuned, batch.input_ids, batch.attention_mask)
         mask = batch.response_mask
         for r, seq in enumerate(idx):
             p, m = seq % n, mask[r]
@@ -70,18 +78,21 @@ def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: 
             dist = d.norm(dim=-1)
             rel = dist / hb.norm(dim=-1).clamp_min(1e-12)
             cos = torch.nn.functional.cosine_similarity(ht, hb, dim=-1)
+            own = acts["base"]["resid", l].float() - base_inputs[l].float()
+            loc = (local["block", l].float() - own).norm(dim=-1) / hb.norm(dim=-1).clamp_min(1e-12)
             for r, seq in enumerate(idx):
                 p, side, m = seq % n, seq // n, mask[r]
                 sums[0, l, p] += dist[r, m].sum().item()
                 sums[1, l, p] += rel[r, m].sum().item()
                 sums[2, l, p] += cos[r, m].sum().item()
+                sums[3, l, p] += loc[r, m].sum().item()
                 pooled["base"][l, p, side] = hb[r, m].mean(0).numpy()
                 pooled["tuned"][l, p, side] = ht[r, m].mean(0).numpy()
                 if l in deltas:
                     deltas[l].append(d[r, m].numpy())
     means = sums / counts
     distances = pd.DataFrame([dict(id=encoded[p].id, layer=l, distance=means[0, l, p], relative=means[1, l, p],
-                                   cosine=means[2, l, p]) for p in range(n) for l in range(L)])
+                                   cosine=means[2, l, p], local=means[3, l, p]) for p in range(n) for l in range(L)])
     return ResponseActivations([e.id for e in encoded], L, distances, pooled,
                                {l: np.concatenate(v) for l, v in deltas.items()},
                                np.array(delta_pair) if keep_deltas else None)
