@@ -100,13 +100,16 @@ def main(argv=None) -> int:
             parameters[name] = value
     run_dir = (ROOT / args.run_dir).resolve()
     start = time.perf_counter()
+    executed = False
     for md in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.md")):
         if args.only and md.stem not in args.only:
             continue
-        execute(md, run_dir, parameters, args.force)
+        executed |= execute(md, run_dir, parameters, args.force) > 0
     if not args.no_book:
-        subprocess.run([str(Path(sys.executable).with_name("jupyter-book")), "build", str(ROOT), "-W", "-n", "--keep-going"],
-                       check=True, cwd=ROOT)
+        # Pages that quote a notebook through glue do not know they depend on it, so after any
+        # execution every page is rebuilt (--all); otherwise Sphinx's incremental build is exact.
+        command = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(ROOT), "-W", "-n", "--keep-going"]
+        subprocess.run(command + (["--all"] if executed else []), check=True, cwd=ROOT)
     print(f"main job: {time.perf_counter() - start:.0f} s")
     return 0
 

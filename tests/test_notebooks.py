@@ -73,3 +73,11 @@ def test_reference_outputs_hold_no_errors():
         for cell in json.loads(ipynb.read_text())["cells"]:
             for out in cell.get("outputs", []):
                 assert out["output_type"] != "error", f"{ipynb.name} holds an error output"
+
+
+def test_every_figure_has_a_caption():
+    for ipynb in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"):
+        for cell in json.loads(ipynb.read_text())["cells"]:
+            if any("image/png" in out.get("data", {}) for out in cell.get("outputs", [])):
+                caption = cell["metadata"].get("mystnb", {}).get("figure", {}).get("caption")
+                assert caption, f"{ipynb.name}: a figure without a caption:\n{''.join(cell['source'])[:200]}"
