@@ -110,16 +110,19 @@ class Validation:
 
 def validate(planted: ModelPair, prefs, *, layer: int | None, rank: int | None = None, train_prefs=None,
              lasso_measures=("local", "relative"), max_length: int = 512, n_boot: int = 200,
-             tolerance: float = 0.02, seed: int = 0) -> pd.DataFrame:
+             tolerance: float = 0.02, seed: int = 0) -> Validation:
     """Run patching, LASSO and (for rank pairs) low-rank on a planted pair, and check each against the truth.
 
     layer: the planted layer (None for a diffuse pair, where the check is that no layer dominates).
     rank: the planted rank, for the low-rank check; it needs ``train_prefs`` (other pairs) to find
     the directions. lasso_measures: the distance features the LASSO is tried on (see
-    `response_activations`). Columns: ``check, expected, measured, passed``.
+    `response_activations`). ``Validation.checks`` has one row per check.
     """
     from .analysis import lasso_layers, low_rank_recovery, response_activations
     from .patching import patch_sweep
+
+    if rank is not None and train_prefs is None:
+        raise ValueError("the low-rank check needs train_prefs= (pairs to find the directions on)")
 
     sweep = patch_sweep(planted, prefs, site=["resid", "block"], direction=["tuned_to_base", "base_to_tuned"],
                         controls=[], max_length=max_length, n_boot=n_boot, seed=seed, progress=False)
@@ -171,8 +174,6 @@ def validate(planted: ModelPair, prefs, *, layer: int | None, rank: int | None =
                 f"{stability[layer]:.2f}", stability[layer] >= 0.9)
 
     if rank is not None:
-        if train_prefs is None:
-            raise ValueError("the low-rank check needs train_prefs= (pairs to find the directions on)")
         ks = sorted({1, 2, 4, 8, rank, max(1, rank // 2)})
         low = low_rank_recovery(planted, train_prefs, prefs, layer=layer, ks=ks, n_boot=n_boot, seed=seed,
                                 max_length=max_length, progress=False)

@@ -74,3 +74,9 @@ def test_planted_pair_refuses_bad_requests(tiny):
         planted_pair(tiny, layer=1, kind="everywhere")
     with pytest.raises(ValueError, match="layer in 0..3"):
         planted_pair(tiny, layer=7, kind="weights")
+
+
+def test_validate_refuses_a_rank_check_without_training_pairs(tiny, split):
+    planted = planted_pair(tiny, layer=2, rank=1, kind="rank")
+    with pytest.raises(ValueError, match="train_prefs"):
+        validate(planted, split[0], layer=2, rank=1)
