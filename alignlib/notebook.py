@@ -8,7 +8,6 @@ with `ci_text` and `glue` so that the book's prose quotes executed numbers, neve
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import random
 from pathlib import Path
@@ -81,13 +80,7 @@ def cached(run_dir: str, name: str, config: dict, compute: Callable[[], Any]) ->
         with open(path, "rb") as f:
             return pickle.load(f)
     value = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, pickle.dumps(value))
     write_atomic(folder / f"{name}-{key}.json", _json({"config": config, "versions": versions()}))
     return value
 

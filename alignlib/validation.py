@@ -135,7 +135,6 @@ def validate(planted: ModelPair, prefs, *, layer: int | None, rank: int | None =
     def curve(site, direction):
         return s[(s.site == site) & (s.direction == direction)].set_index("layer").recovery.sort_index()
 
-    block = curve("block", "tuned_to_base")
     if layer is None:
         # Recovery ratios are meaningless when the mean gain is near zero (random changes carry no
         # preference), so dominance is judged on the size of each block's effect instead.

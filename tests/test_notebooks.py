@@ -81,3 +81,19 @@ def test_every_figure_has_a_caption():
             if any("image/png" in out.get("data", {}) for out in cell.get("outputs", [])):
                 caption = cell["metadata"].get("mystnb", {}).get("figure", {}).get("caption")
                 assert caption, f"{ipynb.name}: a figure without a caption:\n{''.join(cell['source'])[:200]}"
+
+
+def test_cached_reuses_a_result_only_with_a_run_folder_and_the_same_config(tmp_path):
+    from alignlib.notebook import cached
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    assert cached(str(tmp_path), "step", {"a": 1}, compute) == {"value": 1}
+    assert cached(str(tmp_path), "step", {"a": 1}, compute) == {"value": 1}  # reused, not recomputed
+    assert cached(str(tmp_path), "step", {"a": 2}, compute) == {"value": 2}  # another config recomputes
+    assert cached("", "step", {"a": 1}, compute) == {"value": 3}  # no run folder: always computed
+    assert len(calls) == 3 and not list(tmp_path.glob("*.tmp"))
