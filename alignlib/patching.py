@@ -16,7 +16,8 @@ noise with the norm of the real difference at each position (``noise``), the rec
 over the chunk's tokens (``mean_ablation``) or zero (``zero_ablation``).
 
 The fast path (``method="fast"``) captures both models once per batch, then resumes the receiver
-from the patched layer, so each patched run costs only the layers after it; it equals the plain
+from the patched layer, so each patched run costs only the layers after it, and runs the patched
+streams of all layers together, each later layer once on all of them stacked; it equals the plain
 path (``method="hooks"``, a whole forward per layer with a hook) up to float rounding, and exactly
 for the identity control. Finished chunks of pairs go to a run folder, so an interrupted sweep
 resumes where it stopped and gives the same numbers.
@@ -24,6 +25,7 @@ resumes where it stopped and gives the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from itertools import product
 from typing import Iterable, Sequence
@@ -34,15 +36,18 @@ import torch
 from tqdm import tqdm
 
 from .data import EncodedPair, collate, encode_pairs, length_batches, sequences
-from .hooks import SITES, capture, check_site, patch, resume_from
+from .hooks import SITES, capture, check_site, layer_calls, patch, resume_from, resume_stacked
 from .metrics import pad_id, recovery, token_logprobs
-from .models import ModelPair, decoder_layers, final_hidden, final_norm
+from .models import ModelPair, final_hidden
 from .runs import sha1
 from .runs import RunFolder
 
 DIRECTIONS = {"tuned_to_base": ("base", "tuned"), "base_to_tuned": ("tuned", "base")}  # receiver, donor
 CONTROLS = ("identity", "shuffled", "noise", "mean_ablation", "zero_ablation")
 POSITIONS = ("all", "prompt", "response")
+#: Most token rows that one stacked resume runs through a layer (streams x batch x length): bounds
+#: memory; larger stacks were slower on a 2-core CPU (caches), one stream per stack barely slower.
+STACK_TOKENS = 8192
 
 
 @dataclass
@@ -163,10 +168,9 @@ class _Captured:
 
     def __init__(self, model, batch, sublayer_sites):
         sites = ["resid", *sublayer_sites]
-        with torch.inference_mode(), capture(model, sites=sites) as acts:
+        with torch.inference_mode(), capture(model, sites=sites) as acts, layer_calls(model) as calls:
             final = final_hidden(model, batch.input_ids, batch.attention_mask)
-        self.acts = acts
-        self.n_layers = len(decoder_layers(model))
+        self.acts, self.calls = acts, calls
         self.logp = token_logprobs(model, final, batch.input_ids, batch.response_mask)[0]
 
     def input(self, layer: int) -> torch.Tensor:
@@ -261,45 +265,62 @@ def _sweep_chunk(pair, encoded, cells, positions, method, batch_size, seed, chun
     sublayer_sites = sorted({c[1] for c in cells} & {"attn", "mlp"})
     chunk = _Chunk(pair, encoded, batch_size, sublayer_sites, seed, chunk_index)
     clean = {role: chunk.clean_margins(role) for role in chunk.caps}
-    rows = []
+    groups: dict = {}  # (control, site, direction) -> layers: the cells one stacked resume can share
     for control, site, direction, layer in cells:
+        groups.setdefault((control, site, direction), []).append(layer)
+    rows = []
+    for (control, site, direction), layers in groups.items():
         recv, donor = DIRECTIONS[direction]
         model = pair.models[recv]
-        logps = []
+        logps = {layer: [] for layer in layers}
         for b, batch in enumerate(chunk.padded):
-            gen = torch.Generator().manual_seed(_cell_seed(seed, chunk_index, control, site, direction, layer, b))
-            value, mask = chunk.control_value(control, site, layer, recv, donor, b,
-                                              chunk.position_mask(b, positions), gen, subspaces)
-            final = _run_patched(model, method, site, layer, batch, chunk.caps[recv][b], value, mask)
-            logps.append(token_logprobs(model, final, batch.input_ids, batch.response_mask)[0])
-        patched = chunk.margins(logps)
-        for i, e in enumerate(encoded):
-            rows.append(dict(id=e.id, site=site, direction=direction, control=control, layer=layer,
-                             margin_patched=patched[i], margin_receiver=clean[recv][i], margin_donor=clean[donor][i],
-                             effect=patched[i] - clean[recv][i], gain=clean[donor][i] - clean[recv][i]))
-        bar.update(1)
+            stacked = method == "fast" and site in ("resid", "block")
+            per_stack = max(1, STACK_TOKENS // batch.input_ids.numel()) if stacked else 1
+            for i in range(0, len(layers), per_stack):
+                values = {}
+                for layer in layers[i:i + per_stack]:
+                    gen = torch.Generator().manual_seed(_cell_seed(seed, chunk_index, control, site, direction, layer, b))
+                    values[layer] = chunk.control_value(control, site, layer, recv, donor, b,
+                                                        chunk.position_mask(b, positions), gen, subspaces)
+                for layer, final in _run_patched(model, method, site, batch, chunk.caps[recv][b], values).items():
+                    logps[layer].append(token_logprobs(model, final, batch.input_ids, batch.response_mask)[0])
+        for layer in layers:
+            patched = chunk.margins(logps[layer])
+            for i, e in enumerate(encoded):
+                rows.append(dict(id=e.id, site=site, direction=direction, control=control, layer=layer,
+                                 margin_patched=patched[i], margin_receiver=clean[recv][i],
+                                 margin_donor=clean[donor][i], effect=patched[i] - clean[recv][i],
+                                 gain=clean[donor][i] - clean[recv][i]))
+            bar.update(1)
     return pd.DataFrame(rows)
 
 
 @torch.inference_mode()
-def _run_patched(model, method, site, layer, batch, R: _Captured, value, mask) -> torch.Tensor:
-    """The receiver's final hidden states with ``site`` of ``layer`` set to ``value`` at ``mask``."""
+def _run_patched(model, method, site, batch, R: _Captured, values: dict) -> dict[int, torch.Tensor]:
+    """The receiver's final hidden states with ``site`` of each layer l set to ``values[l] = (value, mask)``.
+
+    ``hooks``: a whole forward per layer with a patching hook. ``fast``, ``attn``/``mlp``: resume at
+    the layer itself with the sublayer patched inside it. ``fast``, ``resid``/``block``: the patched
+    streams of all the given layers resume together, stacked (`resume_stacked`).
+    """
     ids, attn = batch.input_ids, batch.attention_mask
-    if method == "hooks":
-        with patch(model, site, layer, value, mask):
-            return final_hidden(model, ids, attn)
-    if site in ("attn", "mlp"):  # resume at the layer itself, with the sublayer patched inside it
-        with resume_from(model, layer, R.input(layer)), patch(model, site, layer, value, mask):
-            return final_hidden(model, ids, attn)
-    own = R.acts["resid", layer]
-    if site == "resid":
-        stream = torch.where(mask[..., None], value.to(own.dtype), own)
-    else:  # block: the donor's contribution replaces the receiver's own on top of the same input
-        stream = own + torch.where(mask[..., None], value.to(own.dtype) - R.value("block", layer), 0)
-    if layer + 1 == R.n_layers:
-        return final_norm(model)(stream)
-    with resume_from(model, layer + 1, stream):
-        return final_hidden(model, ids, attn)
+    if method == "hooks" or site in ("attn", "mlp"):
+        out = {}
+        for layer, (value, mask) in values.items():
+            with contextlib.ExitStack() as stack:
+                if method == "fast":
+                    stack.enter_context(resume_from(model, layer, R.input(layer)))
+                stack.enter_context(patch(model, site, layer, value, mask))
+                out[layer] = final_hidden(model, ids, attn)
+        return out
+    streams = {}
+    for layer, (value, mask) in values.items():
+        own = R.acts["resid", layer]
+        if site == "resid":
+            streams[layer] = torch.where(mask[..., None], value.to(own.dtype), own)
+        else:  # block: the donor's contribution replaces the receiver's own on top of the same input
+            streams[layer] = own + torch.where(mask[..., None], value.to(own.dtype) - R.value("block", layer), 0)
+    return resume_stacked(model, R.calls, streams)
 
 
 def _check_positions(positions):

@@ -5,8 +5,9 @@ embedded default pair's tuned side is made here, the way the field makes one: fu
 (not LoRA: a low-rank adapter would build low rank into the very thing the low-rank analysis
 measures) with the DPO loss, the base as the frozen reference model.
 
-The embedded pair is trained on Anthropic HH-RLHF harmless-base **test** rows 0-999 and every
-analysis uses rows from 1000 on, never the training rows. The test split is used because the
+The embedded pair is trained on Anthropic HH-RLHF harmless-base **test** rows 0-999 (the default
+build uses rows 0-299; see `alignlib.builtin`) and every analysis uses rows from 1000 on, never the
+training rows. The test split is used because the
 train split is not available offline here (the project's local copy holds test rows only); hub
 users get the very same rows.
 

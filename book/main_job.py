@@ -32,10 +32,11 @@ NOTEBOOKS = ROOT / "notebooks"
 
 
 def source_digest(md: Path, parameters: dict) -> str:
-    """What an executed notebook depends on: its text, its parameters and the library's code."""
+    """What an executed notebook depends on: its text, its parameters, the library's code and the
+    recorded benchmark results that notebooks tabulate."""
     h = hashlib.sha1(md.read_bytes())
     h.update(json.dumps(parameters, sort_keys=True).encode())
-    for f in sorted((ROOT / "alignlib").rglob("*.py")):
+    for f in sorted((ROOT / "alignlib").rglob("*.py")) + sorted((ROOT / "benchmarks" / "results").glob("*")):
         h.update(f.read_bytes())
     return h.hexdigest()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alignlib import ModelPair, PairError, load_pair
-from alignlib.hooks import capture, patch, resume_from
+from alignlib.hooks import capture, layer_calls, patch, resume_from, resume_stacked
 from alignlib.metrics import token_logprobs
 from alignlib.models import decoder_layers, final_norm
 from alignlib.patching import CONTROLS, patch_sweep
@@ -50,6 +50,46 @@ def test_fast_path_equals_plain_hook_path(tiny, prefs):
     fast = patch_sweep(tiny, prefs, **kw).pairs
     plain = patch_sweep(tiny, prefs, method="hooks", **kw).pairs
     np.testing.assert_allclose(fast.margin_patched, plain.margin_patched, rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_resume_equals_one_resume_per_layer(tiny, builtin_prefs):
+    """Running every later layer once on all patched streams stacked gives each stream's own resume."""
+    from alignlib.data import collate, encode_pairs, sequences
+    from alignlib.models import final_hidden
+
+    seqs = sequences(encode_pairs(tiny.tokenizer, builtin_prefs[:3]))
+    batch = collate(seqs, 0)  # padded: the attention mask must be tiled with the streams
+    assert (batch.attention_mask == 0).any()
+    with torch.no_grad(), capture(tiny.base) as acts, layer_calls(tiny.base) as calls:
+        final_hidden(tiny.base, batch.input_ids, batch.attention_mask)
+    gen = torch.Generator().manual_seed(0)
+    streams = {l: acts["resid", l] + 0.1 * torch.randn(acts["resid", l].shape, generator=gen)
+               for l in range(tiny.n_layers)}
+    with torch.no_grad():
+        stacked = resume_stacked(tiny.base, calls, streams)
+        for l, stream in streams.items():
+            if l + 1 < tiny.n_layers:
+                with resume_from(tiny.base, l + 1, stream):
+                    one = final_hidden(tiny.base, batch.input_ids, batch.attention_mask)
+            else:
+                one = final_norm(tiny.base)(stream)
+            real = batch.attention_mask.bool()
+            torch.testing.assert_close(stacked[l][real], one[real], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="out of range"):
+            resume_stacked(tiny.base, calls, {tiny.n_layers: streams[0]})
+
+
+def test_stack_size_does_not_change_a_sweep(tiny, prefs, monkeypatch):
+    import alignlib.patching as patching
+
+    kw = dict(site=["resid", "block"], direction=BOTH, controls=["identity", "noise"], chunk_size=3,
+              progress=False)
+    monkeypatch.setattr(patching, "STACK_TOKENS", 1)  # one stream per stack: plain resumes
+    single = patch_sweep(tiny, prefs, **kw).pairs
+    monkeypatch.setattr(patching, "STACK_TOKENS", 10**9)  # every layer in one stack
+    stacked = patch_sweep(tiny, prefs, **kw).pairs
+    np.testing.assert_allclose(stacked.margin_patched, single.margin_patched, rtol=1e-5, atol=1e-5)
+    assert (stacked[stacked.control == "identity"].effect == 0).all()
 
 
 def test_last_layer_resid_gives_the_donor_stream_through_the_receivers_head(tiny, prefs):
