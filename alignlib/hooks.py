@@ -219,7 +219,6 @@ def resume_from(model: nn.Module, start: int, stream: torch.Tensor):
             layers[i] = layer
 
 
-
 @contextlib.contextmanager
 def layer_calls(model: nn.Module) -> Iterator[dict]:
     """Record how a forward inside the block calls each decoder layer: ``calls[l] = (args, kwargs)``.

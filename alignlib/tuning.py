@@ -7,9 +7,8 @@ measures) with the DPO loss, the base as the frozen reference model.
 
 The embedded pair is trained on Anthropic HH-RLHF harmless-base **test** rows 0-999 (the default
 build uses rows 0-299; see `alignlib.builtin`) and every analysis uses rows from 1000 on, never the
-training rows. The test split is used because the
-train split is not available offline here (the project's local copy holds test rows only); hub
-users get the very same rows.
+training rows. The test split is used because the train split is not available offline here (the
+project's local copy holds test rows only); hub users get the very same rows.
 
 Why a small DPO loop of our own rather than TRL's DPOTrainer: on a 2-core CPU the budget is ten
 minutes, and the loop must reuse exactly the tokenisation and response masks that `score`
