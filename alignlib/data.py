@@ -394,3 +394,76 @@ def collate(sequences: Sequence[tuple[list[int], int]], pad_id: int) -> Batch:
         attention[b, : len(ids)] = 1
         response[b, start : len(ids)] = True
     return Batch(input_ids, attention, response)
+
+
+@dataclass
+class PackedBatch:
+    """Preference pairs packed one per row, prompt + chosen + rejected, right-padded.
+
+    The rejected response attends to the prompt and to itself only, and its positions continue the
+    prompt's, so every token has exactly the context it has in its own unpacked sequence, while the
+    shared prompt runs once instead of twice: fewer token rows by the prompt's share (about a third
+    on HH-RLHF dialogues). Needs an attention implementation that takes a 4-D mask (sdpa, eager).
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    segment: torch.Tensor  # (B, T): PROMPT, CHOSEN, REJECTED, or PAD
+    spans: list[tuple[int, int, int]]  # per row: (prompt, chosen, rejected) lengths
+
+    @property
+    def real(self) -> torch.Tensor:
+        return self.segment != PAD
+
+    @property
+    def response(self) -> torch.Tensor:
+        return (self.segment == CHOSEN) | (self.segment == REJECTED)
+
+    def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, 1, T, T) additive mask: 0 where a query may attend to a key, the dtype's minimum elsewhere."""
+        seg, width = self.segment, self.segment.shape[1]
+        ok = torch.ones(width, width, dtype=torch.bool).tril() & (seg != PAD)[:, None, :]
+        ok &= ~((seg == REJECTED)[:, :, None] & (seg == CHOSEN)[:, None, :])
+        ok |= torch.eye(width, dtype=torch.bool)  # a padding query attends to itself: no empty softmax
+        return torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
+
+    def predictors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, position of the predicting token, position of the response token) of every response token.
+
+        A response token is predicted by the position before it, except the first rejected token,
+        which is predicted by the last prompt token, as in its own sequence.
+        """
+        rows, cols = self.response.nonzero(as_tuple=True)
+        src = cols - 1
+        for i, (p, c, _) in enumerate(self.spans):
+            src[(rows == i) & (cols == p + c)] = p - 1
+        return rows, src, cols
+
+
+PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
+
+
+def packed_length(e: EncodedPair) -> int:
+    return len(e.chosen) + len(e.rejected) - e.chosen_start
+
+
+def pack_pairs(encoded: Sequence[EncodedPair], pad_id: int) -> PackedBatch:
+    """Pack each pair into one row (see `PackedBatch`); both responses must follow the same prompt ids."""
+    width = max(packed_length(e) for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(encoded), width), dtype=torch.long)
+    segment = torch.full((len(encoded), width), PAD, dtype=torch.long)
+    spans = []
+    for b, e in enumerate(encoded):
+        p = e.chosen_start
+        if e.rejected_start != p or e.chosen[:p] != e.rejected[:p]:
+            raise ValueError(f"{e.id}: chosen and rejected do not follow the same prompt ids, so the pair "
+                             "cannot be packed; encode it with encode_pairs")
+        if p < 1:
+            raise ValueError(f"{e.id}: no prompt token to predict the first response token")
+        c, r = len(e.chosen) - p, len(e.rejected) - p
+        input_ids[b, : p + c + r] = torch.tensor(e.chosen + e.rejected[p:])
+        position_ids[b, : p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+        segment[b, :p], segment[b, p : p + c], segment[b, p + c : p + c + r] = PROMPT, CHOSEN, REJECTED
+        spans.append((p, c, r))
+    return PackedBatch(input_ids, position_ids, segment, spans)

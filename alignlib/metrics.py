@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .data import EncodedPair, PreferencePair, collate, encode_pairs, length_batches, sequences
+from .data import (REJECTED, EncodedPair, PackedBatch, PreferencePair, collate, encode_pairs, length_batches,
+                   sequences)
 from .models import ModelPair, final_hidden, logits
 
 
@@ -32,6 +33,34 @@ def token_logprobs(model, final_hidden: torch.Tensor, input_ids: torch.Tensor,
     picked = scores.gather(-1, input_ids[:, 1:][target][:, None])[:, 0]
     sums = torch.zeros(len(input_ids), dtype=torch.float64).index_add_(0, rows, picked.double())
     return sums, target.sum(1)
+
+
+def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
+    """Final-normed hidden states of a `PackedBatch`: its 4-D mask and position ids passed to the model."""
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"packed pairs need an attention implementation that takes a 4-D mask (sdpa or eager), "
+                         f"not {impl!r}; load the model with attn_implementation='sdpa'")
+    window = getattr(model.config, "sliding_window", None)
+    if window and batch.input_ids.shape[1] > window:  # a 4-D mask replaces the model's sliding-window mask
+        raise ValueError(f"packed rows of {batch.input_ids.shape[1]} tokens exceed the model's sliding window "
+                         f"({window}); lower max_length")
+    mask = batch.attention_mask(next(model.parameters()).dtype)
+    return final_hidden(model, batch.input_ids, mask, batch.position_ids)
+
+
+def pair_logprobs(model, final_hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """(B, 2) summed (chosen, rejected) response log-probs of a `PackedBatch`, from final-normed states.
+
+    Like `token_logprobs`, the vocabulary projection runs only at the positions that predict a
+    response token.
+    """
+    rows, src, cols = batch.predictors()
+    scores = torch.log_softmax(logits(model, final_hidden[rows, src]).float(), dim=-1)
+    picked = scores.gather(-1, batch.input_ids[rows, cols][:, None])[:, 0]
+    side = (batch.segment[rows, cols] == REJECTED).long()
+    sums = torch.zeros(2 * len(batch.input_ids), dtype=torch.float64)
+    return sums.index_add_(0, 2 * rows + side, picked.double()).view(-1, 2)
 
 
 @torch.inference_mode()

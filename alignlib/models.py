@@ -235,9 +235,10 @@ def final_norm(model: nn.Module) -> nn.Module:
     raise PairError(f"{type(model).__name__}: no final norm among {_NORM_NAMES}")
 
 
-def final_hidden(model: nn.Module, input_ids, attention_mask=None) -> torch.Tensor:
+def final_hidden(model: nn.Module, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
     """The backbone's last hidden state (after the final norm), with no cache."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
 
 
 def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

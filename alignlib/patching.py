@@ -15,6 +15,10 @@ value from another pair aligned on the response start (``shuffled``), the receiv
 noise with the norm of the real difference at each position (``noise``), the receiver's mean value
 over the chunk's tokens (``mean_ablation``) or zero (``zero_ablation``).
 
+Each pair runs as one packed sequence, prompt + chosen + rejected (`alignlib.data.PackedBatch`):
+the rejected response attends to the prompt and itself only, so every token sees what it sees in its
+own sequence, and the shared prompt is computed, and patched, once instead of twice.
+
 The fast path (``method="fast"``) captures both models once per batch, then resumes the receiver
 from the patched layer, so each patched run costs only the layers after it, and runs the patched
 streams of all layers together, each later layer once on all of them stacked; it equals the plain
@@ -35,10 +39,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .data import EncodedPair, collate, encode_pairs, length_batches, sequences
+from .data import PROMPT, EncodedPair, PackedBatch, encode_pairs, length_batches, pack_pairs, packed_length
 from .hooks import SITES, capture, check_site, layer_calls, patch, resume_from, resume_stacked
-from .metrics import pad_id, recovery, token_logprobs
-from .models import ModelPair, final_hidden
+from .metrics import packed_hidden, pad_id, pair_logprobs, recovery
+from .models import ModelPair
 from .runs import sha1
 from .runs import RunFolder
 
@@ -87,6 +91,8 @@ def patch_sweep(
         (control ``"patch"``) is always run.
     subspaces: name -> orthonormal basis U (hidden, k): adds cells (control ``"subspace:<name>"``)
         that patch only the part of the difference inside span(U): receiver + (donor - receiver) U U^T.
+    batch_size: sequences per forward; a packed row holds both of a pair's, so a batch packs
+        ``batch_size // 2`` pairs.
     chunk_size: pairs per unit of work; a chunk is the unit written to ``run_dir`` and resumed,
         the pool that ``shuffled`` draws other pairs from and ``mean_ablation`` averages over.
     """
@@ -124,7 +130,7 @@ def patch_sweep(
         config = dict(pair=pair.name, weights_sha1={r: _fingerprint(m) for r, m in pair.models.items()}, ids_sha1=sha1([e.id for e in encoded]), tokens_sha1=sha1(
             [[e.chosen, e.rejected] for e in encoded]), sites=sites, directions=directions, positions=positions,
             layers=[int(l) for l in layers], controls=list(controls), method=method, batch_size=batch_size,
-            chunk_size=chunk_size, seed=seed, dtype=str(next(pair.base.parameters()).dtype),
+            chunk_size=chunk_size, seed=seed, layout="packed pairs", dtype=str(next(pair.base.parameters()).dtype),
             subspaces={k: sha1(u.tolist()) for k, u in subspaces.items()})
         run = RunFolder(run_dir, config)
 
@@ -164,14 +170,14 @@ def summarize(per_pair: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> p
 
 
 class _Captured:
-    """Both models' activations on one padded batch of sequences."""
+    """One model's activations on one `PackedBatch`, and how it calls each layer there."""
 
-    def __init__(self, model, batch, sublayer_sites):
+    def __init__(self, model, batch: PackedBatch, sublayer_sites):
         sites = ["resid", *sublayer_sites]
         with torch.inference_mode(), capture(model, sites=sites) as acts, layer_calls(model) as calls:
-            final = final_hidden(model, batch.input_ids, batch.attention_mask)
+            final = packed_hidden(model, batch)
         self.acts, self.calls = acts, calls
-        self.logp = token_logprobs(model, final, batch.input_ids, batch.response_mask)[0]
+        self.logp = pair_logprobs(model, final, batch)
 
     def input(self, layer: int) -> torch.Tensor:
         return self.acts["input", 0] if layer == 0 else self.acts["resid", layer - 1]
@@ -183,44 +189,44 @@ class _Captured:
 
 
 class _Chunk:
-    """A chunk of pairs as padded batches of sequences (chosen 0..n-1, then rejected), captured once."""
+    """A chunk of pairs, packed one pair per row (`PackedBatch`) in batches of similar length, captured once."""
 
     def __init__(self, pair, encoded, batch_size, sublayer_sites, seed, index):
         n = self.n = len(encoded)
-        self.seqs = sequences(encoded)
-        self.batches = length_batches([len(ids) for ids, _ in self.seqs], batch_size)
-        self.padded = [collate([self.seqs[i] for i in idx], pad_id(pair.tokenizer)) for idx in self.batches]
-        self.where = {seq: (b, r) for b, idx in enumerate(self.batches) for r, seq in enumerate(idx)}
-        self.caps = {role: [_Captured(m, p, sublayer_sites) for p in self.padded] for role, m in pair.models.items()}
+        self.batches = length_batches([packed_length(e) for e in encoded], max(1, batch_size // 2))
+        self.packed = [pack_pairs([encoded[i] for i in idx], pad_id(pair.tokenizer)) for idx in self.batches]
+        self.where = {i: (b, r) for b, idx in enumerate(self.batches) for r, i in enumerate(idx)}
+        self.caps = {role: [_Captured(m, p, sublayer_sites) for p in self.packed] for role, m in pair.models.items()}
         # shuffled control: pair i takes the donor activations of pair i + shift (chosen from chosen, etc.)
-        shift = int(np.random.default_rng([seed, index]).integers(1, n)) if n > 1 else 0
-        self.donor_of = [(i % n + shift) % n + (i // n) * n for i in range(2 * n)]
+        self.shift = int(np.random.default_rng([seed, index]).integers(1, n)) if n > 1 else 0
 
     def margins(self, logps) -> np.ndarray:
-        """Per-pair margins from per-batch per-sequence log-prob sums."""
-        out = np.zeros(2 * self.n)
+        """Per-pair margins from per-batch (chosen, rejected) log-prob sums."""
+        out = np.zeros(self.n)
         for vals, idx in zip(logps, self.batches):
-            out[idx] = vals.numpy()
-        return out[: self.n] - out[self.n :]
+            out[idx] = (vals[:, 0] - vals[:, 1]).numpy()
+        return out
 
     def clean_margins(self, role) -> np.ndarray:
         return self.margins([c.logp for c in self.caps[role]])
 
     def position_mask(self, b, positions) -> torch.Tensor:
-        batch = self.padded[b]
-        real = batch.attention_mask.bool()
+        batch = self.packed[b]
         if positions == "all":
-            return real
+            return batch.real.clone()
         if positions == "response":
-            return batch.response_mask.clone()
+            return batch.response
         if positions == "prompt":
-            return real & ~batch.response_mask
-        mask = torch.zeros_like(real)
-        for r, seq in enumerate(self.batches[b]):
-            ids, start = self.seqs[seq]
-            for off in positions:
-                if 0 <= start + off < len(ids):
-                    mask[r, start + off] = True
+            return batch.segment == PROMPT
+        mask = torch.zeros_like(batch.real)
+        for r, (p, c, rej) in enumerate(batch.spans):
+            for off in positions:  # before the response: the shared prompt; from it: both responses
+                if off < 0 and p + off >= 0:
+                    mask[r, p + off] = True
+                if 0 <= off < c:
+                    mask[r, p + off] = True
+                if 0 <= off < rej:
+                    mask[r, p + c + off] = True
         return mask
 
     def control_value(self, control, site, layer, recv, donor, b, mask, gen, subspaces=None):
@@ -240,22 +246,21 @@ class _Chunk:
             return own + noise / noise.norm(dim=-1, keepdim=True) * diff.norm(dim=-1, keepdim=True), mask
         if control == "zero_ablation":
             return torch.zeros_like(own), mask
-        if control == "mean_ablation":
-            total = sum((c.value(site, layer) * p.attention_mask[..., None]).sum((0, 1))
-                        for c, p in zip(self.caps[recv], self.padded))
-            count = sum(int(p.attention_mask.sum()) for p in self.padded)
-            return (total / count).expand_as(own).clone(), mask
-        if control == "shuffled":  # another pair's donor value, aligned on the response start
+        if control == "mean_ablation":  # over the tokens of both sequences: prompt tokens count twice
+            weights = [(p.real.to(own.dtype) + (p.segment == PROMPT).to(own.dtype))[..., None] for p in self.packed]
+            total = sum((c.value(site, layer) * w).sum((0, 1)) for c, w in zip(self.caps[recv], weights))
+            return (total / sum(w.sum() for w in weights)).expand_as(own).clone(), mask
+        if control == "shuffled":  # another pair's donor value, each segment aligned on the response start
             value, ok = own.clone(), torch.zeros_like(mask)
-            for r, seq in enumerate(self.batches[b]):
-                src = self.donor_of[seq]
-                sb, srow = self.where[src]
+            for r, i in enumerate(self.batches[b]):
+                sb, srow = self.where[(i + self.shift) % self.n]
                 src_value = self.caps[donor][sb].value(site, layer)[srow]
-                pos = torch.arange(len(self.seqs[seq][0]))
-                src_pos = pos + self.seqs[src][1] - self.seqs[seq][1]
-                valid = (src_pos >= 0) & (src_pos < len(self.seqs[src][0]))
-                value[r, pos[valid]] = src_value[src_pos[valid]]
-                ok[r, pos[valid]] = True
+                (p, c, rej), (sp, sc, srej) = self.packed[b].spans[r], self.packed[sb].spans[srow]
+                n_prompt = min(p, sp)  # the last n_prompt prompt tokens of each
+                for to, frm, n in ((p - n_prompt, sp - n_prompt, n_prompt), (p, sp, min(c, sc)),
+                                   (p + c, sp + sc, min(rej, srej))):
+                    value[r, to : to + n] = src_value[frm : frm + n]
+                    ok[r, to : to + n] = True
             return value, mask & ok
         raise ValueError(control)
 
@@ -273,7 +278,7 @@ def _sweep_chunk(pair, encoded, cells, positions, method, batch_size, seed, chun
         recv, donor = DIRECTIONS[direction]
         model = pair.models[recv]
         logps = {layer: [] for layer in layers}
-        for b, batch in enumerate(chunk.padded):
+        for b, batch in enumerate(chunk.packed):
             stacked = method == "fast" and site in ("resid", "block")
             per_stack = max(1, STACK_TOKENS // batch.input_ids.numel()) if stacked else 1
             for i in range(0, len(layers), per_stack):
@@ -283,7 +288,7 @@ def _sweep_chunk(pair, encoded, cells, positions, method, batch_size, seed, chun
                     values[layer] = chunk.control_value(control, site, layer, recv, donor, b,
                                                         chunk.position_mask(b, positions), gen, subspaces)
                 for layer, final in _run_patched(model, method, site, batch, chunk.caps[recv][b], values).items():
-                    logps[layer].append(token_logprobs(model, final, batch.input_ids, batch.response_mask)[0])
+                    logps[layer].append(pair_logprobs(model, final, batch))
         for layer in layers:
             patched = chunk.margins(logps[layer])
             for i, e in enumerate(encoded):
@@ -296,14 +301,13 @@ def _sweep_chunk(pair, encoded, cells, positions, method, batch_size, seed, chun
 
 
 @torch.inference_mode()
-def _run_patched(model, method, site, batch, R: _Captured, values: dict) -> dict[int, torch.Tensor]:
+def _run_patched(model, method, site, batch: PackedBatch, R: _Captured, values: dict) -> dict[int, torch.Tensor]:
     """The receiver's final hidden states with ``site`` of each layer l set to ``values[l] = (value, mask)``.
 
     ``hooks``: a whole forward per layer with a patching hook. ``fast``, ``attn``/``mlp``: resume at
     the layer itself with the sublayer patched inside it. ``fast``, ``resid``/``block``: the patched
     streams of all the given layers resume together, stacked (`resume_stacked`).
     """
-    ids, attn = batch.input_ids, batch.attention_mask
     if method == "hooks" or site in ("attn", "mlp"):
         out = {}
         for layer, (value, mask) in values.items():
@@ -311,7 +315,7 @@ def _run_patched(model, method, site, batch, R: _Captured, values: dict) -> dict
                 if method == "fast":
                     stack.enter_context(resume_from(model, layer, R.input(layer)))
                 stack.enter_context(patch(model, site, layer, value, mask))
-                out[layer] = final_hidden(model, ids, attn)
+                out[layer] = packed_hidden(model, batch)
         return out
     streams = {}
     for layer, (value, mask) in values.items():

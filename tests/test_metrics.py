@@ -23,6 +23,36 @@ def test_score_matches_one_sequence_at_a_time_with_padding_and_mixed_lengths(tin
     assert np.allclose(table.reward_gain, other.reward_gain, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_pairs_score_as_their_two_separate_sequences(tiny, builtin_prefs):
+    """Prompt + chosen + rejected in one padded row, the rejected response masked off the chosen one
+    and continuing the prompt's positions, gives each response the log-prob of its own sequence."""
+    import dataclasses
+
+    import torch
+
+    from alignlib.data import pack_pairs
+    from alignlib.metrics import packed_hidden, pair_logprobs
+
+    encoded = encode_pairs(tiny.tokenizer, builtin_prefs[:10])
+    batch = pack_pairs(encoded, 0)
+    assert (~batch.real).any()  # padded rows
+    with torch.no_grad():
+        for model in (tiny.base, tiny.tuned):
+            got = pair_logprobs(model, packed_hidden(model, batch), batch)
+            for e, (c, r) in zip(encoded, got.tolist()):
+                assert c == pytest.approx(naive_logprob(model, e.chosen, e.chosen_start), rel=1e-5)
+                assert r == pytest.approx(naive_logprob(model, e.rejected, e.rejected_start), rel=1e-5)
+    e = encoded[0]
+    with pytest.raises(ValueError, match="same prompt ids"):
+        pack_pairs([dataclasses.replace(e, rejected=[e.rejected[0] + 1, *e.rejected[1:]])], 0)
+    with pytest.raises(ValueError, match="no prompt token"):
+        pack_pairs([dataclasses.replace(e, chosen=e.chosen[e.chosen_start:], rejected=e.rejected[e.rejected_start:],
+                                        chosen_start=0, rejected_start=0)], 0)
+    flash = type("Model", (), {"config": type("Config", (), {"_attn_implementation": "flash_attention_2"})()})()
+    with pytest.raises(ValueError, match="4-D mask"):
+        packed_hidden(flash, batch)
+
+
 def test_margins_gain_and_means_are_consistent(tiny, builtin_prefs):
     t = score(tiny, builtin_prefs[:8], progress=False)
     assert np.allclose(t.margin_base, t.logp_chosen_base - t.logp_rejected_base)

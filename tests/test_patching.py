@@ -156,6 +156,35 @@ def test_controls_on_identical_models(tiny, prefs):
     assert (sw[sw.control == "zero_ablation"].effect != 0).any()
 
 
+def test_shuffled_and_mean_ablation_keep_their_meaning_on_packed_pairs(tiny, builtin_prefs):
+    """Packing computes the shared prompt once; the controls still mean what they mean on separate sequences.
+
+    A chunk of copies of one pair: the shuffled donor (another pair, each part aligned on the
+    response start) is the pair's own donor, so shuffled equals the real patch. Mean ablation averages
+    over the tokens of both sequences, the prompt's counted twice, as on separate sequences.
+    """
+    from alignlib.data import collate, encode_pairs, sequences
+    from alignlib.models import final_hidden
+    from alignlib.patching import _Chunk
+
+    copies = [builtin_prefs[0]] * 4
+    sw = patch_sweep(tiny, copies, site=["resid", "block"], controls=["shuffled"], chunk_size=4,
+                     progress=False).pairs
+    real, shuffled = sw[sw.control == "patch"], sw[sw.control == "shuffled"]
+    np.testing.assert_allclose(shuffled.margin_patched, real.margin_patched, rtol=1e-6, atol=1e-6)
+
+    encoded = encode_pairs(tiny.tokenizer, builtin_prefs[:5])
+    chunk = _Chunk(tiny, encoded, 4, [], 0, 0)
+    batch = collate(sequences(encoded), 0)
+    with torch.no_grad(), capture(tiny.base) as acts:
+        final_hidden(tiny.base, batch.input_ids, batch.attention_mask)
+    real_tokens = batch.attention_mask.bool()
+    for layer in range(tiny.n_layers):
+        value, _ = chunk.control_value("mean_ablation", "resid", layer, "base", "tuned", 0,
+                                       chunk.position_mask(0, "all"), None)
+        torch.testing.assert_close(value[0, 0], acts["resid", layer][real_tokens].mean(0), rtol=1e-5, atol=1e-5)
+
+
 def test_summary_is_a_ratio_of_means_with_a_ci(tiny, prefs):
     sw = patch_sweep(tiny, prefs, controls=[], progress=False, n_boot=300)
     for row in sw.summary.itertuples():
