@@ -382,6 +382,9 @@ class Batch:
     def lengths(self) -> torch.Tensor:
         return self.attention_mask.sum(1)
 
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+
 
 def collate(sequences: Sequence[tuple[list[int], int]], pad_id: int) -> Batch:
     """Pad (ids, response start) sequences on the right, so real tokens keep positions 0..L-1."""
@@ -415,17 +418,20 @@ class PackedBatch:
     def real(self) -> torch.Tensor:
         return self.segment != PAD
 
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segment.to(device), self.spans)
+
     @property
     def response(self) -> torch.Tensor:
         return (self.segment == CHOSEN) | (self.segment == REJECTED)
 
     def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, 1, T, T) additive mask: 0 where a query may attend to a key, the dtype's minimum elsewhere."""
-        seg, width = self.segment, self.segment.shape[1]
-        ok = torch.ones(width, width, dtype=torch.bool).tril() & (seg != PAD)[:, None, :]
+        seg, width, device = self.segment, self.segment.shape[1], self.segment.device
+        ok = torch.ones(width, width, dtype=torch.bool, device=device).tril() & (seg != PAD)[:, None, :]
         ok &= ~((seg == REJECTED)[:, :, None] & (seg == CHOSEN)[:, None, :])
-        ok |= torch.eye(width, dtype=torch.bool)  # a padding query attends to itself: no empty softmax
-        return torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
+        ok |= torch.eye(width, dtype=torch.bool, device=device)  # a padding query attends to itself: no empty softmax
+        return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
 
     def predictors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, position of the predicting token, position of the response token) of every response token.

@@ -59,8 +59,8 @@ def pair_logprobs(model, final_hidden: torch.Tensor, batch: PackedBatch) -> torc
     scores = torch.log_softmax(logits(model, final_hidden[rows, src]).float(), dim=-1)
     picked = scores.gather(-1, batch.input_ids[rows, cols][:, None])[:, 0]
     side = (batch.segment[rows, cols] == REJECTED).long()
-    sums = torch.zeros(2 * len(batch.input_ids), dtype=torch.float64)
-    return sums.index_add_(0, 2 * rows + side, picked.double()).view(-1, 2)
+    sums = torch.zeros(2 * len(batch.input_ids), dtype=torch.float64, device=picked.device)
+    return sums.index_add_(0, 2 * rows + side, picked.double()).view(-1, 2).cpu()
 
 
 @torch.inference_mode()

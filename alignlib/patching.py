@@ -194,7 +194,8 @@ class _Chunk:
     def __init__(self, pair, encoded, batch_size, sublayer_sites, seed, index):
         n = self.n = len(encoded)
         self.batches = length_batches([packed_length(e) for e in encoded], max(1, batch_size // 2))
-        self.packed = [pack_pairs([encoded[i] for i in idx], pad_id(pair.tokenizer)) for idx in self.batches]
+        device = next(pair.base.parameters()).device
+        self.packed = [pack_pairs([encoded[i] for i in idx], pad_id(pair.tokenizer)).to(device) for idx in self.batches]
         self.where = {i: (b, r) for b, idx in enumerate(self.batches) for r, i in enumerate(idx)}
         self.caps = {role: [_Captured(m, p, sublayer_sites) for p in self.packed] for role, m in pair.models.items()}
         # shuffled control: pair i takes the donor activations of pair i + shift (chosen from chosen, etc.)
@@ -235,14 +236,14 @@ class _Chunk:
         if control == "patch":
             return self.caps[donor][b].value(site, layer), mask
         if control.startswith("subspace:"):
-            u = subspaces[control].to(own.dtype)
+            u = subspaces[control].to(own.device, own.dtype)
             diff = self.caps[donor][b].value(site, layer) - own
             return own + (diff @ u) @ u.T, mask
         if control == "identity":
             return own, mask
         if control == "noise":
             diff = self.caps[donor][b].value(site, layer) - own
-            noise = torch.randn(own.shape, generator=gen, dtype=torch.float32).to(own.dtype)
+            noise = torch.randn(own.shape, generator=gen, dtype=torch.float32).to(own.device, own.dtype)
             return own + noise / noise.norm(dim=-1, keepdim=True) * diff.norm(dim=-1, keepdim=True), mask
         if control == "zero_ablation":
             return torch.zeros_like(own), mask

@@ -47,6 +47,7 @@ def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: 
     encoded = prefs if len(prefs) and isinstance(prefs[0], EncodedPair) else encode_pairs(
         pair.tokenizer, prefs, max_length=max_length, chat_template=chat_template)
     n, L = len(encoded), pair.n_layers
+    device = next(pair.base.parameters()).device
     seqs = sequences(encoded)
     hidden = pair.base.config.hidden_size
     pooled = {role: np.zeros((L, n, 2, hidden), dtype=np.float32) for role in ("base", "tuned")}
@@ -56,7 +57,7 @@ def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: 
     delta_pair = []
     for idx in tqdm(length_batches([len(ids) for ids, _ in seqs], batch_size), desc="capturing",
                     disable=not progress):
-        batch = collate([seqs[i] for i in idx], pad_id(pair.tokenizer))
+        batch = collate([seqs[i] for i in idx], pad_id(pair.tokenizer)).to(device)
         acts = {}
         for role, model in pair.models.items():
             with torch.inference_mode(), capture(model) as a:
@@ -66,20 +67,20 @@ def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: 
         with torch.inference_mode(), capture(pair.tuned, sites=("block",)) as local, \
                 feed_inputs(pair.tuned, base_inputs):
             final_hidden(pair.tuned, batch.input_ids, batch.attention_mask)
-        mask = batch.response_mask
+        mask = batch.response_mask.cpu()
         for r, seq in enumerate(idx):
             p, m = seq % n, mask[r]
             counts[p] += int(m.sum())
             if keep_deltas:
                 delta_pair.extend([p] * int(m.sum()))
         for l in range(L):
-            hb, ht = acts["base"]["resid", l].float(), acts["tuned"]["resid", l].float()
+            hb, ht = acts["base"]["resid", l].float().cpu(), acts["tuned"]["resid", l].float().cpu()
             d = ht - hb
             dist = d.norm(dim=-1)
             rel = dist / hb.norm(dim=-1).clamp_min(1e-12)
             cos = torch.nn.functional.cosine_similarity(ht, hb, dim=-1)
-            own = acts["base"]["resid", l].float() - base_inputs[l].float()
-            loc = (local["block", l].float() - own).norm(dim=-1) / hb.norm(dim=-1).clamp_min(1e-12)
+            own = acts["base"]["resid", l].float().cpu() - base_inputs[l].float().cpu()
+            loc = (local["block", l].float().cpu() - own).norm(dim=-1) / hb.norm(dim=-1).clamp_min(1e-12)
             for r, seq in enumerate(idx):
                 p, side, m = seq % n, seq // n, mask[r]
                 sums[0, l, p] += dist[r, m].sum().item()
