@@ -399,6 +399,10 @@ def collate(sequences: Sequence[tuple[list[int], int]], pad_id: int) -> Batch:
     return Batch(input_ids, attention, response)
 
 
+#: `PackedBatch.segment` values: what each position of a packed row holds.
+PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
+
+
 @dataclass
 class PackedBatch:
     """Preference pairs packed one per row, prompt + chosen + rejected, right-padded.
@@ -418,12 +422,12 @@ class PackedBatch:
     def real(self) -> torch.Tensor:
         return self.segment != PAD
 
-    def to(self, device) -> "PackedBatch":
-        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segment.to(device), self.spans)
-
     @property
     def response(self) -> torch.Tensor:
         return (self.segment == CHOSEN) | (self.segment == REJECTED)
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segment.to(device), self.spans)
 
     def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, 1, T, T) additive mask: 0 where a query may attend to a key, the dtype's minimum elsewhere."""
@@ -444,9 +448,6 @@ class PackedBatch:
         for i, (p, c, _) in enumerate(self.spans):
             src[(rows == i) & (cols == p + c)] = p - 1
         return rows, src, cols
-
-
-PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 
 
 def packed_length(e: EncodedPair) -> int:

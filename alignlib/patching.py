@@ -214,7 +214,7 @@ class _Chunk:
     def position_mask(self, b, positions) -> torch.Tensor:
         batch = self.packed[b]
         if positions == "all":
-            return batch.real.clone()
+            return batch.real
         if positions == "response":
             return batch.response
         if positions == "prompt":
