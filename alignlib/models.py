@@ -1,8 +1,9 @@
 """Model pairs: a base causal LM and its preference-tuned counterpart, sharing one tokenizer.
 
 `load_pair` accepts, for each side, a hub id, a local folder, a ``.gguf`` file, an already
-loaded model, or a built-in name (``"smollm2"``, ``"tiny"``), and refuses pairs that could not
-be compared position by position (other architecture, depth, width or tokenizer).
+loaded model, or a built-in name (``"smollm2"``, ``"smollm2-long"``, ``"tiny"``), and refuses
+pairs that could not be compared position by position (other architecture, depth, width or
+tokenizer).
 The architecture helpers below (`decoder_layers`, `sublayer`, `final_norm`) find the parts
 that hooks patch in any Hugging Face causal LM, so no other module names a model family.
 """
@@ -64,8 +65,8 @@ def load_pair(
 ) -> ModelPair:
     """Load a base model and its tuned counterpart as a checked `ModelPair`.
 
-    A built-in name (``"tiny"``, ``"smollm2"``) given as ``base`` with ``tuned=None`` brings
-    its own tuned side. For other sources ``tuned=None`` gives a base-only pair (scores and
+    A built-in name (``"tiny"``, ``"smollm2"``, ``"smollm2-long"``) given as ``base`` with
+    ``tuned=None`` brings its own tuned side. For other sources ``tuned=None`` gives a base-only pair (scores and
     captures of the base only). ``tokenizer`` is needed only when both sides are loaded models.
     ``device_map`` (e.g. ``"auto"``) is passed to ``from_pretrained`` and overrides ``device``.
     """

@@ -18,9 +18,14 @@ prompt is computed once, as in `alignlib.patching`), batches pairs of similar le
 projects to the vocabulary only at response positions and steps a fused AdamW; the loss is tested
 against a hand-worked example.
 
-Cost, measured on the project's 2-core CPU (fp32 matmuls at ~85-150 GFLOP/s, no native bf16): a
-forward and backward pass over one token of SmolLM2-135M costs ~0.85 GFLOP with the reference
-pass, and one epoch over rows 0-999 at 96 tokens holds ~108,000 packed tokens: about 20 minutes.
+Cost, measured on the project's 2-core CPU (fp32 matmuls at ~85-150 GFLOP/s depending on the day,
+no native bf16): a forward and backward pass over one token of SmolLM2-135M costs ~1 GFLOP with the
+reference pass, matmuls are three quarters of the time, and build time is proportional to the
+packed tokens, at a speed that varies by up to a third from day to day. One epoch over rows 0-999
+holds ~55,000 packed tokens at 40 tokens per sequence (the embedded recipe: 13.5 minutes as
+measured) and ~108,000 at 96 (``smollm2-long``: 21 minutes as measured, on a faster day). The
+embedding gradient is taken sparse: the same gradient, without a zero-fill the size of the
+vocabulary at every step.
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, layer
         for l in layers:
             blocks[check_layer(policy, l)].requires_grad_(True)
     policy.train()
+    embeddings = policy.get_input_embeddings()
+    embeddings.sparse = True  # the same gradient, without a dense vocabulary-sized zero-fill per step
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, fused=True)
     total = config.epochs * len(batches)
@@ -129,6 +136,7 @@ def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, layer
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    embeddings.sparse = False
     policy.eval()
     policy.requires_grad_(False)
     return policy, pd.DataFrame(log)

@@ -1,6 +1,7 @@
 """Build a SmolLM2 DPO pair and measure what DPO changed on HH-RLHF rows it never trained on.
 
     python benchmarks/build_smollm2_pair.py [--rows 0:1000] [--epochs 1] [--lr 5e-5] [--eval-rows 1000:1256]
+        [--train-length 40] [--response-tokens 20] [--batch-size 4]
     python benchmarks/build_smollm2_pair.py --report          # the table of every recorded run
 
 Prints the build time, the preference accuracy of both models with 95% CIs (summed and
@@ -25,6 +26,7 @@ import torch
 
 from alignlib import load_preferences, preference_accuracy, score
 from alignlib.builtin import SMOLLM2_DPO, SMOLLM2_ROWS, smollm2_cache_entry, smollm2_pair
+from alignlib.data import encode_pairs, packed_length
 from alignlib.metrics import bootstrap_ci
 from alignlib.models import ModelPair
 from alignlib.runs import versions, write_atomic
@@ -52,6 +54,9 @@ def main():
     ap.add_argument("--rows", default=f"{SMOLLM2_ROWS[0]}:{SMOLLM2_ROWS[1]}")
     ap.add_argument("--epochs", type=int, default=SMOLLM2_DPO.epochs)
     ap.add_argument("--lr", type=float, default=SMOLLM2_DPO.lr)
+    ap.add_argument("--train-length", type=int, default=SMOLLM2_DPO.max_length, help="tokens per training sequence")
+    ap.add_argument("--response-tokens", type=int, default=SMOLLM2_DPO.max_response_tokens)
+    ap.add_argument("--batch-size", type=int, default=SMOLLM2_DPO.batch_size)
     ap.add_argument("--eval-rows", default="1000:1256")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--report", action="store_true", help="print the table of recorded runs and exit")
@@ -63,12 +68,17 @@ def main():
     rows, eval_rows = span(args.rows), span(args.eval_rows)
     if max(rows[0], eval_rows[0]) < min(rows[1], eval_rows[1]):
         raise SystemExit(f"evaluation rows {eval_rows} overlap the training rows {rows}")
-    config = dataclasses.replace(SMOLLM2_DPO, epochs=args.epochs, lr=args.lr)
+    config = dataclasses.replace(SMOLLM2_DPO, epochs=args.epochs, lr=args.lr, max_length=args.train_length,
+                                 max_response_tokens=args.response_tokens, batch_size=args.batch_size)
     t = time.perf_counter()
     base, tuned, tok = smollm2_pair(config, rows)
     print(f"pair ready in {time.perf_counter() - t:.0f} s (training rows {rows}, {config})", flush=True)
     meta = cache_record(smollm2_cache_entry(config, rows)[0])
     build_seconds = meta["build_seconds"]
+    # the build's work: one epoch's packed tokens (build time over it gives the machine's speed that day)
+    encoded = encode_pairs(tok, load_preferences("hh-rlhf", rows=rows), max_length=config.max_length,
+                           max_response_tokens=config.max_response_tokens)
+    packed_tokens = sum(packed_length(e) for e in encoded)
 
     prefs = load_preferences("hh-rlhf", rows=eval_rows)
     base_file = SCRATCH / f"base-scores-{eval_rows[0]}-{eval_rows[1]}-{args.max_length}.pkl"
@@ -88,8 +98,11 @@ def main():
 
     acc = preference_accuracy(table)
     print(acc.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    record = dict(rows=args.rows, epochs=config.epochs, lr=config.lr, eval_rows=args.eval_rows, n=len(table),
-                  build_seconds=build_seconds, loop=meta["config"].get("loop", "separate sequences"))
+    record = dict(rows=args.rows, epochs=config.epochs, lr=config.lr, train_length=config.max_length,
+                  response_tokens=config.max_response_tokens, batch_size=config.batch_size,
+                  eval_rows=args.eval_rows, n=len(table),
+                  build_seconds=build_seconds, packed_tokens=packed_tokens,
+                  loop=meta["config"].get("loop", "separate sequences"))
     for _, r in acc.iterrows():
         key = f"acc_{r.model}_{r.length}"
         record.update({key: r.accuracy, f"{key}_lo": r.ci_low, f"{key}_hi": r.ci_high})

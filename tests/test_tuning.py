@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pandas as pd
@@ -33,6 +34,26 @@ def test_a_short_dpo_run_raises_the_margin_of_its_training_pairs(tiny, builtin_p
     assert log.loss.iloc[0] == pytest.approx(math.log(2), abs=1e-5)
     assert log.loss.iloc[-3:].mean() < log.loss.iloc[:3].mean()
     assert list(log.columns) == ["step", "epoch", "loss", "reward_margin", "reward_accuracy", "seconds"]
+
+
+def test_the_sparse_embedding_gradient_of_the_loop_is_the_dense_one(tiny, builtin_prefs):
+    """The loop takes the (tied) embedding's gradient sparse to save a vocabulary-sized fill per step."""
+    from alignlib.data import encode_pairs
+    from alignlib.metrics import pad_id
+    from alignlib.tuning import _pair_logprobs
+
+    encoded = encode_pairs(tiny.tokenizer, builtin_prefs[:8], max_length=128)
+    grads = []
+    for sparse in (False, True):
+        model = copy.deepcopy(tiny.base).requires_grad_(True)
+        model.get_input_embeddings().sparse = sparse
+        _pair_logprobs(model, encoded, pad_id(tiny.tokenizer)).sum().backward()
+        grads.append(model.get_input_embeddings().weight.grad)
+    assert not grads[1].is_sparse  # the tied output projection's dense gradient absorbs it
+    # the same sums in another order: equal to float32 rounding of the largest entries
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6 * grads[0].abs().max().item())
+    tuned, _ = make_tuned(tiny.base, tiny.tokenizer, builtin_prefs[:8], DPOConfig(batch_size=8), progress=False)
+    assert not tuned.get_input_embeddings().sparse
 
 
 def test_dpo_is_deterministic(tiny, builtin_prefs):
@@ -87,6 +108,16 @@ def test_smollm2_training_rows_never_overlap_the_analysis_rows():
 
     with pytest.raises(ValueError, match="rows from 1000 on are for analysis"):
         smollm2_pair(rows=(900, 1100))
+
+
+def test_the_smollm2_builds_have_their_own_cache_entries():
+    from alignlib.builtin import NAMES, SMOLLM2_DPO, SMOLLM2_DPO_LONG, smollm2_cache_entry
+
+    assert {"smollm2", "smollm2-long"} <= set(NAMES)
+    assert smollm2_cache_entry(SMOLLM2_DPO)[0] == "smollm2-dpo"
+    assert smollm2_cache_entry(SMOLLM2_DPO_LONG)[0] == "smollm2-dpo-long"
+    assert smollm2_cache_entry(SMOLLM2_DPO_LONG, rows=(0, 300))[0].startswith("smollm2-dpo-")
+    assert SMOLLM2_DPO_LONG.max_length > SMOLLM2_DPO.max_length
 
 
 def test_tiny_base_builds_identically_from_scratch(monkeypatch):
