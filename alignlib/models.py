@@ -66,8 +66,9 @@ def load_pair(
     """Load a base model and its tuned counterpart as a checked `ModelPair`.
 
     A built-in name (``"tiny"``, ``"smollm2"``, ``"smollm2-long"``) given as ``base`` with
-    ``tuned=None`` brings its own tuned side. For other sources ``tuned=None`` gives a base-only pair (scores and
-    captures of the base only). ``tokenizer`` is needed only when both sides are loaded models.
+    ``tuned=None`` brings its own tuned side. For other sources ``tuned=None`` gives a base-only
+    pair (scores and captures of the base only). ``tokenizer`` is needed only when both sides are
+    loaded models.
     ``device_map`` (e.g. ``"auto"``) is passed to ``from_pretrained`` and overrides ``device``.
     """
     torch_dtype = _dtype(dtype)

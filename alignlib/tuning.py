@@ -23,8 +23,8 @@ no native bf16): a forward and backward pass over one token of SmolLM2-135M cost
 reference pass, matmuls are three quarters of the time, and build time is proportional to the
 packed tokens, at a speed that varies by up to a third from day to day. One epoch over rows 0-999
 holds ~55,000 packed tokens at 40 tokens per sequence (the embedded recipe: 13.5 minutes as
-measured) and ~108,000 at 96 (``smollm2-long``: 21 minutes as measured, on a faster day). The
-embedding gradient is taken sparse: the same gradient, without a zero-fill the size of the
+measured) and ~108,000 at 96 (``smollm2-long``: 21 minutes as measured, on a faster day). A tied
+embedding's gradient is taken sparse: the same gradient, without a zero-fill the size of the
 vocabulary at every step.
 """
 
@@ -103,8 +103,10 @@ def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, layer
         for l in layers:
             blocks[check_layer(policy, l)].requires_grad_(True)
     policy.train()
-    embeddings = policy.get_input_embeddings()
-    embeddings.sparse = True  # the same gradient, without a dense vocabulary-sized zero-fill per step
+    embeddings, output = policy.get_input_embeddings(), policy.get_output_embeddings()
+    # Tied embeddings: taking the lookup's gradient sparse gives the same gradient (the output projection's
+    # dense one absorbs it) without a vocabulary-sized zero-fill per step. Untied, it would reach the optimizer.
+    embeddings.sparse = output is not None and output.weight is embeddings.weight
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, fused=True)
     total = config.epochs * len(batches)

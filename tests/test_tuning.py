@@ -56,6 +56,21 @@ def test_the_sparse_embedding_gradient_of_the_loop_is_the_dense_one(tiny, builti
     assert not tuned.get_input_embeddings().sparse
 
 
+def test_dpo_trains_a_model_with_untied_embeddings(tiny, builtin_prefs):
+    """Untied input embeddings keep a dense gradient (the fused optimizer takes no sparse one) and train."""
+    from transformers import LlamaForCausalLM
+
+    config = copy.deepcopy(tiny.base.config)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    assert base.get_output_embeddings().weight is not base.get_input_embeddings().weight
+    tuned, log = make_tuned(base, tiny.tokenizer, builtin_prefs[:8], DPOConfig(batch_size=8, warmup_steps=1),
+                            progress=False)
+    moved = (tuned.get_input_embeddings().weight - base.get_input_embeddings().weight).abs().max()
+    assert torch.isfinite(torch.tensor(log.loss.to_numpy())).all() and moved > 0
+
+
 def test_dpo_is_deterministic(tiny, builtin_prefs):
     cfg = DPOConfig(lr=1e-3, epochs=1, batch_size=8)
     a, _ = make_tuned(tiny.base, tiny.tokenizer, builtin_prefs[:16], cfg, progress=False)
