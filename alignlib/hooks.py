@@ -279,3 +279,36 @@ def _tile(value, batch: int, k: int, memo: dict):
     if isinstance(value, (tuple, list)):
         return type(value)(_tile(v, batch, k, memo) for v in value)
     return value
+
+
+def stream_gradients(model: nn.Module, batch, rows_per_pass: int = 4) -> dict[int, torch.Tensor]:
+    """``grads[l]`` (B, T, H): d(each row's summed response log-prob) / d(the stream after layer l).
+
+    A padded `Batch`'s rows do not interact, so one backward of the summed log-probs gives every
+    row's own gradient. The stream is made a graph leaf at the first layer, so this works with
+    frozen weights and leaves every parameter's ``.grad`` untouched; ``rows_per_pass`` bounds the
+    memory the backward needs.
+    """
+    from .metrics import token_logprobs
+
+    layers = decoder_layers(model)
+    out: dict[int, list] = {l: [] for l in range(len(layers))}
+    for start in range(0, len(batch.input_ids), rows_per_pass):
+        ids, mask, response = (t[start:start + rows_per_pass] for t in
+                               (batch.input_ids, batch.attention_mask, batch.response_mask))
+        streams: list = []
+        with torch.enable_grad(), _hooks() as handles:
+            def lead(module, args, kwargs):
+                x = _input_hidden(args, kwargs).detach().requires_grad_(True)
+                return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+            def keep(module, args, kwargs, output):
+                streams.append(_hidden(output))
+
+            handles.append(layers[0].register_forward_pre_hook(lead, with_kwargs=True))
+            handles.extend(layer.register_forward_hook(keep, with_kwargs=True) for layer in layers)
+            sums, _ = token_logprobs(model, final_hidden(model, ids, mask), ids, response)
+            grads = torch.autograd.grad(sums.sum(), streams, allow_unused=True)
+        for l, g in enumerate(grads):
+            out[l].append(torch.zeros_like(streams[l]) if g is None else g.detach())
+    return {l: torch.cat(v) for l, v in out.items()}

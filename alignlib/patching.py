@@ -175,9 +175,8 @@ class _Captured:
     def __init__(self, model, batch: PackedBatch, sublayer_sites):
         sites = ["resid", *sublayer_sites]
         with torch.inference_mode(), capture(model, sites=sites) as acts, layer_calls(model) as calls:
-            final = packed_hidden(model, batch)
+            self.logp = pair_logprobs(model, packed_hidden(model, batch), batch)
         self.acts, self.calls = acts, calls
-        self.logp = pair_logprobs(model, final, batch)
 
     def input(self, layer: int) -> torch.Tensor:
         return self.acts["input", 0] if layer == 0 else self.acts["resid", layer - 1]
@@ -266,6 +265,7 @@ class _Chunk:
         raise ValueError(control)
 
 
+@torch.inference_mode()  # a sweep never needs gradients, whatever the weights' requires_grad
 def _sweep_chunk(pair, encoded, cells, positions, method, batch_size, seed, chunk_index, bar,
                  subspaces=None) -> pd.DataFrame:
     sublayer_sites = sorted({c[1] for c in cells} & {"attn", "mlp"})

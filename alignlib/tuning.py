@@ -21,10 +21,12 @@ against a hand-worked example.
 Cost, measured on the project's 2-core CPU (fp32 matmuls at ~85-150 GFLOP/s depending on the day,
 no native bf16): a forward and backward pass over one token of SmolLM2-135M costs ~1 GFLOP with the
 reference pass, matmuls are three quarters of the time, and build time is proportional to the
-packed tokens, at a speed that varies by up to a third from day to day. One epoch over rows 0-999
-holds ~55,000 packed tokens at 40 tokens per sequence (the embedded recipe: 13.5 minutes as
-measured) and ~108,000 at 96 (``smollm2-long``: 21 minutes as measured, on a faster day). A tied
-embedding's gradient is taken sparse: the same gradient, without a zero-fill the size of the
+packed tokens at a given batch size, at a speed that varies by up to a third from day to day.
+Batches of 8 pairs run ~25% faster per token than batches of 4: larger matmuls, and half as many
+optimizer steps over 135M parameters (~0.25 s each). One epoch over rows 0-999 holds ~44,000 packed
+tokens at 32 tokens per sequence (the embedded recipe, batch 8: 9.2 minutes as measured), ~55,000
+at 40 and ~108,000 at 96 (``smollm2-long``, batch 4: 21 minutes as measured, on a faster day). A
+tied embedding's gradient is taken sparse: the same gradient, without a zero-fill the size of the
 vocabulary at every step.
 """
 

@@ -68,7 +68,7 @@ def test_analyses_run_end_to_end_on_the_tiny_pair(tiny, builtin_prefs):
 
     prefs = builtin_prefs[:40]
     acts = response_activations(tiny, prefs, progress=False)
-    assert list(acts.distances.columns) == ["id", "layer", "distance", "relative", "cosine", "local"]
+    assert list(acts.distances.columns) == ["id", "layer", "distance", "relative", "cosine", "local", "attribution"]
     assert len(acts.distances) == 40 * tiny.n_layers
     assert (acts.distances.distance > 0).all() and (acts.distances.cosine <= 1 + 1e-6).all()
     gain = score(tiny, prefs, progress=False).set_index("id").reward_gain.loc[acts.ids]
@@ -84,7 +84,45 @@ def test_activation_distances_are_zero_for_identical_models(tiny, builtin_prefs)
     same = ModelPair(tiny.base, tiny.base, tiny.tokenizer, "same")
     acts = response_activations(same, builtin_prefs[:4], progress=False)
     assert (acts.distances.distance == 0).all()
+    assert (acts.distances.attribution == 0).all()
     assert np.allclose(acts.distances.cosine, 1, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_attribution_is_the_first_order_reward_gain_of_the_changed_layer(tiny, builtin_prefs, layer):
+    # A small change to one layer: its attribution is exactly zero at every other layer, and at the
+    # changed layer it is the reward gain to first order (the second-order rest is ~1e-3 of it).
+    from alignlib import score
+
+    prefs = builtin_prefs[:12]
+    small = planted_pair(tiny, layer=layer, kind="weights", scale=1e-3)
+    wide = response_activations(small, prefs, progress=False).distances_wide("attribution")
+    gain = score(small, prefs, progress=False).set_index("id").reward_gain.loc[wide.index]
+    assert (wide.drop(columns=layer).to_numpy() == 0).all()
+    assert np.allclose(wide[layer], gain, rtol=1e-2, atol=1e-2 * gain.abs().max())
+
+
+def test_stream_gradients_match_autograd_through_the_whole_model_and_leave_weights_alone(tiny, builtin_prefs):
+    import torch
+
+    from alignlib.data import collate, encode_pairs, sequences
+    from alignlib.hooks import capture, resume_from, stream_gradients
+    from alignlib.metrics import pad_id, token_logprobs
+    from alignlib.models import final_hidden
+
+    model = tiny.base
+    batch = collate(sequences(encode_pairs(tiny.tokenizer, builtin_prefs[:3])), pad_id(tiny.tokenizer))
+    grads = stream_gradients(model, batch, rows_per_pass=2)
+    # reference: the gradient of row 4's log-prob alone, taken by nudging the stream after layer 1
+    with torch.no_grad(), capture(model) as acts:
+        final_hidden(model, batch.input_ids, batch.attention_mask)
+    stream = acts["resid", 1][4:5].clone().requires_grad_(True)
+    with torch.enable_grad(), resume_from(model, 2, stream):
+        ids, mask, resp = batch.input_ids[4:5], batch.attention_mask[4:5], batch.response_mask[4:5]
+        total, _ = token_logprobs(model, final_hidden(model, ids, mask), ids, resp)
+        (expected,) = torch.autograd.grad(total.sum(), stream)
+    assert torch.allclose(grads[1][4], expected[0], atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_planted_pairs_differ_only_where_planted(tiny):

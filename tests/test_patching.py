@@ -284,3 +284,14 @@ def test_fast_path_equals_plain_path_on_smollm2_with_padding():
     r = fast[(fast.control == "patch") & (fast.site == "resid")]
     assert (r[r.layer < 12].effect == 0).all()
     np.testing.assert_allclose(r[r.layer >= 12].margin_patched, r[r.layer >= 12].margin_donor, rtol=1e-5, atol=1e-4)
+
+
+def test_a_sweep_works_on_models_whose_weights_require_grad(tiny, prefs):
+    # A ModelPair built by hand from freshly loaded models (weights requiring grad, as from_pretrained
+    # leaves them) sweeps like one from load_pair, with the same numbers.
+    base, tuned = copy.deepcopy(tiny.base).requires_grad_(True), copy.deepcopy(tiny.tuned).requires_grad_(True)
+    kw = dict(site="resid", controls=[], chunk_size=3, progress=False)
+    by_hand = patch_sweep(ModelPair(base, tuned, tiny.tokenizer, "by hand"), prefs, **kw).pairs
+    loaded = patch_sweep(tiny, prefs, **kw).pairs
+    assert np.array_equal(by_hand.effect.to_numpy(), loaded.effect.to_numpy())
+    assert all(p.grad is None for p in base.parameters())

@@ -37,10 +37,18 @@ def test_patching_localises_a_dpo_planted_layer_exactly(dpo_layer1, split):
     assert result.summary.mean_gain.iloc[0] > 0
 
 
-@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("rank", [1, 2, 4])
 def test_low_rank_check_finds_the_planted_rank(tiny, split, rank):
     planted = planted_pair(tiny, layer=2, rank=rank, kind="rank")
-    checks = validate(planted, split[0], layer=2, rank=rank, train_prefs=split[1], lasso_measures=()).checks
+    checks = validate(planted, split[0], layer=2, rank=rank, train_prefs=split[1],
+                      lasso_measures=("attribution",)).checks
+    assert checks.passed.all(), checks[~checks.passed].to_string()
+    assert checks.check.str.startswith("LASSO on attribution").sum() == 1
+
+
+def test_every_check_passes_on_a_perturbed_layer(tiny, split):
+    planted = planted_pair(tiny, layer=2, kind="weights")
+    checks = validate(planted, split[0], layer=2, lasso_measures=("attribution",)).checks
     assert checks.passed.all(), checks[~checks.passed].to_string()
 
 
@@ -65,6 +73,14 @@ def test_lasso_on_local_distances_never_selects_an_unchanged_layer(dpo_layer1, s
     gains = score(dpo_layer1, split[0], progress=False).set_index("id").loc[features.index, "reward_gain"]
     freq = lasso_layers(features, gains, n_boot=50).stability.set_index("layer").selection_frequency
     assert (freq[[0, 2, 3]] == 0).all()
+
+
+def test_lasso_on_attribution_selects_the_dpo_planted_layer_in_every_resample(dpo_layer1, split):
+    # The signed, first-order feature predicts the gain linearly, so the LASSO finds the planted layer.
+    features = response_activations(dpo_layer1, split[0], progress=False).distances_wide("attribution")
+    gains = score(dpo_layer1, split[0], progress=False).set_index("id").loc[features.index, "reward_gain"]
+    freq = lasso_layers(features, gains, n_boot=50).stability.set_index("layer").selection_frequency
+    assert freq[1] >= 0.9 and (freq[[0, 2, 3]] == 0).all()
 
 
 def test_planted_pair_refuses_bad_requests(tiny):

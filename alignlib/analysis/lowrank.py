@@ -23,11 +23,13 @@ from .activations import response_activations
 
 @dataclass
 class LowRankResult:
-    """``recovery``: per (basis, k); ``spectrum``: share of Delta's energy per direction; ``k90``: smallest k at 90%."""
+    """``recovery``: per (basis, k); ``spectrum``: share of Delta's energy per direction; ``k90``: smallest k at 90%;
+    ``pairs``: per held-out pair and basis, the k-direction patch's effect beside the full patch's (``full_effect``)."""
 
     recovery: pd.DataFrame
     spectrum: pd.DataFrame
     k90: int | None
+    pairs: pd.DataFrame | None = None
 
 
 def delta_directions(deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,10 +68,12 @@ def low_rank_recovery(pair, train_prefs, test_prefs, *, layer: int, direction: s
                         progress=progress)
     per = sweep.pairs
     full = per[per.control == "patch"].set_index("id")
-    rows = []
+    rows, pairs = [], []
     for name in bases:
         cell = per[per.control == f"subspace:{name}"].set_index("id").loc[full.index]
         kind, k = name.rsplit("-", 1)
+        pairs.append(pd.DataFrame({"id": full.index, "basis": "pca" if kind == "pca" else "random", "draw": kind,
+                                   "k": int(k), "effect": cell.effect.to_numpy(), "full_effect": full.effect.to_numpy()}))
         share_est, lo, hi = recovery(cell.effect.to_numpy(), full.effect.to_numpy(), n_boot=n_boot, seed=seed)
         rec, rlo, rhi = recovery(cell.effect.to_numpy(), cell.gain.to_numpy(), n_boot=n_boot, seed=seed)
         rows.append(dict(basis="pca" if kind == "pca" else "random", draw=kind, k=int(k), share_of_full=share_est,
@@ -79,4 +83,5 @@ def low_rank_recovery(pair, train_prefs, test_prefs, *, layer: int, direction: s
     reached = pca[pca.share_of_full >= 0.9]
     spectrum = pd.DataFrame({"component": np.arange(1, len(share) + 1), "explained": share,
                              "cumulative": np.cumsum(share)})
-    return LowRankResult(table, spectrum, int(reached.k.iloc[0]) if len(reached) else None)
+    return LowRankResult(table, spectrum, int(reached.k.iloc[0]) if len(reached) else None,
+                         pd.concat(pairs, ignore_index=True))
