@@ -75,7 +75,7 @@ def test_lasso_on_local_distances_never_selects_an_unchanged_layer(dpo_layer1, s
     assert (freq[[0, 2, 3]] == 0).all()
 
 
-def test_lasso_on_attribution_selects_the_dpo_planted_layer_in_every_resample(dpo_layer1, split):
+def test_lasso_on_attribution_selects_the_dpo_planted_layer_in_90_percent_of_resamples(dpo_layer1, split):
     # The signed, first-order feature predicts the gain linearly, so the LASSO finds the planted layer.
     features = response_activations(dpo_layer1, split[0], progress=False).distances_wide("attribution")
     gains = score(dpo_layer1, split[0], progress=False).set_index("id").loc[features.index, "reward_gain"]
