@@ -11,8 +11,10 @@ import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 from .data import DropReport, PreferenceError, PreferencePair, Preferences, encode_pairs, load_preferences
-from .metrics import bootstrap_ci, preference_accuracy, recovery, score
-from .models import ModelPair, PairError, decoder_layers, final_norm, load_pair, sublayer
+from .metrics import preference_accuracy, score
+from .models import ModelPair, PairError, decoder_layers, final_norm, sublayer
+from .pairs import load_pair
+from .stats import bootstrap_ci, recovery, slope
 from .patching import Sweep, patch_sweep
 from .analysis import lasso_layers, low_rank_recovery, probe_layers, response_activations
 from .validation import Validation, planted_pair, validate
@@ -21,6 +23,6 @@ __all__ = [
     "DropReport", "ModelPair", "PairError", "PreferenceError", "PreferencePair", "Preferences", "Sweep",
     "bootstrap_ci", "decoder_layers", "encode_pairs", "final_norm", "lasso_layers", "load_pair",
     "load_preferences", "low_rank_recovery", "patch_sweep", "planted_pair", "preference_accuracy",
-    "probe_layers", "recovery", "response_activations", "score", "sublayer", "validate", "Validation",
+    "probe_layers", "recovery", "response_activations", "score", "slope", "sublayer", "validate", "Validation",
 ]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ so that nothing is ever filtered silently (``strict=True`` turns every drop into
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import importlib.resources
 import json
@@ -42,6 +43,7 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
+    category: str = ""  # the source's ``category`` field, when it has one (the built-in set does)
 
 
 @dataclass
@@ -89,11 +91,6 @@ class Preferences(Sequence[PreferencePair]):
     def ids(self) -> list[str]:
         return [p.id for p in self.pairs]
 
-    def to_frame(self):
-        import pandas as pd
-
-        return pd.DataFrame([vars(p) for p in self.pairs], columns=["id", "prompt", "chosen", "rejected"])
-
 
 # --------------------------------------------------------------------------------------------
 # Loading
@@ -139,6 +136,7 @@ def load_preferences(
     else:
         name = "memory"
         records = list(source)
+    _check_columns(records, name)
     records = _slice(records, start, stop, name)
     report = DropReport()
     pairs = []
@@ -157,6 +155,21 @@ def load_preferences(
     return Preferences(pairs, report, name)
 
 
+#: What a row needs: prompt, chosen and rejected, or HH-style whole dialogues in chosen and rejected.
+EXPECTED = "columns prompt, chosen, rejected (or HH-style whole dialogues in chosen and rejected)"
+
+
+def _check_columns(records: list, name: str) -> None:
+    """A source with no rows, or without the columns a pair needs, is one error naming the problem."""
+    if not records:
+        raise PreferenceError(f"{name} holds no rows; expected rows with {EXPECTED}", "empty source")
+    found = set().union(*(r.keys() for r in records if isinstance(r, dict)))
+    missing = [c for c in ("chosen", "rejected") if c not in found]
+    if missing:
+        raise PreferenceError(f"{name} has no {' or '.join(map(repr, missing))} column (it has "
+                              f"{sorted(found) or 'none'}); expected {EXPECTED}", "missing columns")
+
+
 def split_dialogue(text: str) -> tuple[str, str]:
     """Split an HH-RLHF dialogue into (prompt up to and including the last Assistant marker, response)."""
     cut = text.rfind(ASSISTANT)
@@ -171,7 +184,7 @@ def _to_pair(rec: Any, row_id: str, max_chars: int | None) -> PreferencePair:
         raise PreferenceError(f"{row_id}: row is a {type(rec).__name__}, not a mapping", "wrong type")
     for key in ("chosen", "rejected"):
         if key not in rec or rec[key] is None:
-            raise PreferenceError(f"{row_id}: missing field {key!r}", "missing field")
+            raise PreferenceError(f"{row_id}: missing field {key!r}; expected {EXPECTED}", "missing field")
     fields = {k: rec[k] for k in ("prompt", "chosen", "rejected") if rec.get(k) is not None}
     for key, value in fields.items():
         if not isinstance(value, str):
@@ -199,7 +212,8 @@ def _to_pair(rec: Any, row_id: str, max_chars: int | None) -> PreferencePair:
         raise PreferenceError(f"{row_id}: chosen and rejected are identical", "identical responses")
     if max_chars is not None and len(prompt) + max(len(chosen), len(rejected)) > max_chars:
         raise PreferenceError(f"{row_id}: longer than max_chars={max_chars}", "over-long")
-    return PreferencePair(row_id, prompt, chosen, rejected)
+    category = rec.get("category")
+    return PreferencePair(row_id, prompt, chosen, rejected, category if isinstance(category, str) else "")
 
 
 def _row_range(rows) -> tuple[int, int | None]:
@@ -359,44 +373,18 @@ def dialogue_messages(prompt: str) -> list[dict[str, str]]:
     return messages
 
 
-def sequences(encoded: Sequence[EncodedPair]) -> list[tuple[list[int], int]]:
-    """(ids, response start) of every chosen sequence, then every rejected one: i and i + n are pair i."""
-    return [(e.chosen, e.chosen_start) for e in encoded] + [(e.rejected, e.rejected_start) for e in encoded]
-
-
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices in batches of similar length (shortest first), so that little of a batch is padding."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-@dataclass
-class Batch:
-    """Right-padded sequences; `response_mask[b, t]` marks tokens whose log-prob is scored."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.attention_mask.sum(1)
-
-    def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
-
-
-def collate(sequences: Sequence[tuple[list[int], int]], pad_id: int) -> Batch:
-    """Pad (ids, response start) sequences on the right, so real tokens keep positions 0..L-1."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    response = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for b, (ids, start) in enumerate(sequences):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        attention[b, : len(ids)] = 1
-        response[b, start : len(ids)] = True
-    return Batch(input_ids, attention, response)
+def pad_id(tokenizer) -> int:
+    """Any valid id serves as padding: padded positions are masked and never scored."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
 
 
 #: `PackedBatch.segment` values: what each position of a packed row holds.
@@ -417,6 +405,7 @@ class PackedBatch:
     position_ids: torch.Tensor  # (B, T)
     segment: torch.Tensor  # (B, T): PROMPT, CHOSEN, REJECTED, or PAD
     spans: list[tuple[int, int, int]]  # per row: (prompt, chosen, rejected) lengths
+    ids: list[str] = field(default_factory=list)  # per row: the pair's id (for error messages)
 
     @property
     def real(self) -> torch.Tensor:
@@ -427,27 +416,39 @@ class PackedBatch:
         return (self.segment == CHOSEN) | (self.segment == REJECTED)
 
     def to(self, device) -> "PackedBatch":
-        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segment.to(device), self.spans)
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segment.to(device), self.spans,
+                           self.ids)
 
-    def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(B, 1, T, T) additive mask: 0 where a query may attend to a key, the dtype's minimum elsewhere."""
+    def allowed(self) -> torch.Tensor:
+        """(B, T, T) bool: whether query position i may attend to key position j."""
         seg, width, device = self.segment, self.segment.shape[1], self.segment.device
         ok = torch.ones(width, width, dtype=torch.bool, device=device).tril() & (seg != PAD)[:, None, :]
         ok &= ~((seg == REJECTED)[:, :, None] & (seg == CHOSEN)[:, None, :])
-        ok |= torch.eye(width, dtype=torch.bool, device=device)  # a padding query attends to itself: no empty softmax
-        return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
+        return ok | torch.eye(width, dtype=torch.bool, device=device)  # a padding query attends to itself
 
+    def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, 1, T, T) additive mask: 0 where a query may attend to a key, the dtype's minimum elsewhere."""
+        return additive(self.allowed(), dtype)[:, None]
+
+    @functools.cached_property
     def predictors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, position of the predicting token, position of the response token) of every response token.
 
         A response token is predicted by the position before it, except the first rejected token,
-        which is predicted by the last prompt token, as in its own sequence.
+        which is predicted by the last prompt token, as in its own sequence. Ordinary tensors even
+        when first asked for in inference mode, so that gradients can flow through what they index.
         """
-        rows, cols = self.response.nonzero(as_tuple=True)
-        src = cols - 1
-        for i, (p, c, _) in enumerate(self.spans):
-            src[(rows == i) & (cols == p + c)] = p - 1
+        with torch.inference_mode(False):
+            rows, cols = self.response.nonzero(as_tuple=True)
+            src = cols - 1
+            for i, (p, c, _) in enumerate(self.spans):
+                src[(rows == i) & (cols == p + c)] = p - 1
         return rows, src, cols
+
+
+def additive(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive attention mask from a boolean one: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
 
 
 def packed_length(e: EncodedPair) -> int:
@@ -473,4 +474,4 @@ def pack_pairs(encoded: Sequence[EncodedPair], pad_id: int) -> PackedBatch:
         position_ids[b, : p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
         segment[b, :p], segment[b, p : p + c], segment[b, p + c : p + c + r] = PROMPT, CHOSEN, REJECTED
         spans.append((p, c, r))
-    return PackedBatch(input_ids, position_ids, segment, spans)
+    return PackedBatch(input_ids, position_ids, segment, spans, [e.id for e in encoded])

@@ -1,31 +1,33 @@
-"""Capture and patch activations at a site of a decoder layer, for any HF causal LM.
+"""The mechanics of intervening on a decoder layer of any HF causal LM: record, patch, feed, resume.
 
-Sites (DESIGN.md section 1):
+Sites (DESIGN.md section 1): ``resid`` (the layer's output stream), ``block`` (its contribution,
+output minus input: patching adds the donor's contribution onto the receiver's input), ``attn`` and
+``mlp`` (the sublayer outputs), and ``own`` (patched like ``block``, with the donor layer's
+contribution computed on the receiver's own input).
 
-- ``resid``: the decoder layer's output hidden state (the residual stream after the layer);
-- ``block``: the layer's own contribution, output minus input; patching adds the donor's
-  contribution onto the receiver's input, i.e. output += donor_block - receiver_block;
-- ``attn`` / ``mlp``: the attention / MLP sublayer outputs.
-
-Every context manager removes its hooks (and restores swapped layers) even when the forward
-raises. `resume_from` is the fast path: it runs a model from layer ``start`` on a given residual
-stream, skipping the layers before it, so a patched run costs only the layers after the patch.
-`resume_stacked` does the same for many streams that resume at different layers at once, running
-each later layer once on all of them stacked along the batch.
+Every context manager removes its hooks (and restores swapped layers) even when the forward raises.
+`resume_from` runs a model from layer ``start`` on a given stream; `resume_stacked` resumes many
+streams that start at different layers at once, each later layer running once on all of them
+stacked. With a `Suffix`, a resumed run recomputes only each row's positions from its first patched
+one on: the earlier positions are unchanged in every layer, so their keys and values come from the
+capture (`record_kv`) instead of being computed again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from .data import PackedBatch, additive
 from .models import decoder_layers, final_hidden, final_norm, sublayer
 
-SITES = ("resid", "block", "attn", "mlp")
+SITES = ("resid", "block", "attn", "mlp", "own")
 
 # Whether a model's decoder layers return a tuple (older/other HF models) or a bare tensor.
 _RETURNS_TUPLE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -56,6 +58,10 @@ def _input_hidden(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _with_input(args, kwargs, value):
+    return ((value, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": value})
+
+
 def _where(mask: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """``new`` at masked positions (B, T), ``old`` elsewhere; all positions when mask is None."""
     if mask is None:
@@ -74,54 +80,49 @@ def _hooks() -> Iterator[list]:
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, sites=("resid",), layers=None) -> Iterator[dict]:
-    """Record activations during forwards inside the block: ``acts[site, layer]`` (B, T, H).
+def record(model: nn.Module, sublayers=(), *, grad: bool = False) -> Iterator[dict]:
+    """Record a forward inside the block: ``rec["stream"][l]`` is the input of layer l (the last entry
+    the final layer's output), ``rec[site, l]`` the output of sublayer ``site`` and ``rec["calls"][l]``
+    how layer l was called (everything but the stream: what `resume_stacked` needs).
 
-    Also records ``acts["input", 0]``, the input to the first decoder layer, so that the input to
-    any layer is known exactly (``input`` of layer l > 0 is ``resid`` of layer l - 1).
+    ``grad=True`` makes the stream into layer 0 a graph leaf and keeps every recorded tensor in the
+    graph, so gradients with respect to them can be taken with frozen weights.
     """
-    all_layers = decoder_layers(model)
-    layers = range(len(all_layers)) if layers is None else [check_layer(model, l) for l in layers]
-    sites = [check_site(s) for s in sites]
-    acts: dict = {}
+    layers = decoder_layers(model)
+    rec: dict = {"stream": [None] * (len(layers) + 1), "calls": {}}
+    keep = (lambda t: t) if grad else (lambda t: t.detach())
     with _hooks() as handles:
-        def first_input(module, args, kwargs):
-            acts["input", 0] = _input_hidden(args, kwargs).detach()
+        def first(module, args, kwargs):
+            if grad:
+                x = _input_hidden(args, kwargs).detach().requires_grad_(True)
+                rec["stream"][0] = x
+                return _with_input(args, kwargs, x)
+            rec["stream"][0] = _input_hidden(args, kwargs).detach()
 
-        handles.append(all_layers[0].register_forward_pre_hook(first_input, with_kwargs=True))
-        for l in layers:
-            layer = all_layers[l]
-            if "resid" in sites or "block" in sites:
-                handles.append(layer.register_forward_hook(_layer_recorder(model, acts, l, sites), with_kwargs=True))
-            for s in ("attn", "mlp"):
-                if s in sites:
-                    handles.append(sublayer(layer, s).register_forward_hook(_sub_recorder(acts, s, l)))
-        yield acts
+        handles.append(layers[0].register_forward_pre_hook(first, with_kwargs=True))
+        for l, layer in enumerate(layers):
+            def calls(module, args, kwargs, l=l):
+                rec["calls"][l] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
 
+            def output(module, args, kwargs, out, l=l):
+                _RETURNS_TUPLE[model] = isinstance(out, tuple)
+                rec["stream"][l + 1] = keep(_hidden(out))
 
-def _layer_recorder(model, acts, l, sites):
-    def hook(module, args, kwargs, out):
-        _RETURNS_TUPLE[model] = isinstance(out, tuple)
-        h = _hidden(out).detach()
-        if "resid" in sites:
-            acts["resid", l] = h
-        if "block" in sites:
-            acts["block", l] = h - _input_hidden(args, kwargs).detach()
-    return hook
-
-
-def _sub_recorder(acts, s, l):
-    def hook(module, args, out):
-        acts[s, l] = _hidden(out).detach()
-    return hook
+            handles.append(layer.register_forward_pre_hook(calls, with_kwargs=True))
+            handles.append(layer.register_forward_hook(output, with_kwargs=True))
+            for site in sublayers:
+                def sub(module, args, out, site=site, l=l):
+                    rec[site, l] = keep(_hidden(out))
+                handles.append(sublayer(layer, site).register_forward_hook(sub))
+        yield rec
 
 
 @contextlib.contextmanager
 def patch(model: nn.Module, site: str, layer: int, value: torch.Tensor, positions: torch.Tensor | None = None):
     """During forwards inside the block, set ``site`` of ``layer`` to ``value`` (B, T, H) at ``positions``.
 
-    ``positions`` is a (B, T) boolean mask, or None for every position. For ``block`` the value is
-    the contribution to add onto the layer's input in place of the receiver's own contribution.
+    ``positions`` is a (B, T) boolean mask, or None for every position. For ``block`` and ``own`` the
+    value is the contribution to add onto the layer's input in place of the receiver's own.
     """
     check_site(site)
     target = decoder_layers(model)[check_layer(model, layer)]
@@ -147,17 +148,14 @@ def patch(model: nn.Module, site: str, layer: int, value: torch.Tensor, position
 def feed_inputs(model: nn.Module, inputs: dict[int, torch.Tensor]):
     """Inside the block, every layer ``l`` in ``inputs`` reads ``inputs[l]`` instead of the stream.
 
-    With the base model's layer inputs fed to the tuned model, each tuned layer's contribution is
-    computed on exactly the base's input, which isolates what the layer itself changed from what it
-    inherited from the layers before it.
+    With the receiver's layer inputs fed to the donor, each donor layer's contribution is computed on
+    exactly the receiver's input: what the layer itself changed, not what it inherited.
     """
     layers = decoder_layers(model)
     with _hooks() as handles:
         for l, value in inputs.items():
             def feed(module, args, kwargs, value=value):
-                if args:
-                    return (value, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": value}
+                return _with_input(args, kwargs, value)
 
             handles.append(layers[check_layer(model, l)].register_forward_pre_hook(feed, with_kwargs=True))
         yield
@@ -184,7 +182,7 @@ class _Skip(nn.Module):
 def returns_tuple(model: nn.Module) -> bool:
     """Whether the model's decoder layers return tuples; learned from one tiny forward if unknown."""
     if model not in _RETURNS_TUPLE:
-        with torch.no_grad(), capture(model, layers=[0]):
+        with torch.no_grad(), record(model):
             final_hidden(model, torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device))
     return _RETURNS_TUPLE[model]
 
@@ -194,8 +192,7 @@ def resume_from(model: nn.Module, start: int, stream: torch.Tensor):
     """Inside the block, a forward skips layers ``< start`` and feeds ``stream`` into layer ``start``.
 
     Embeddings, masks and position encodings are still prepared by the model itself, so this works
-    for any architecture whose layers pass the stream along. ``start`` equal to the number of layers
-    is not supported here: apply `final_norm` to the stream directly.
+    for any architecture whose layers pass the stream along.
     """
     layers = decoder_layers(model)
     if not 0 <= start < len(layers):
@@ -205,43 +202,21 @@ def resume_from(model: nn.Module, start: int, stream: torch.Tensor):
     try:
         for i in range(start):
             layers[i] = _Skip(originals[i], tuple_out)
-
-        def feed(module, args, kwargs):
-            if args:
-                return (stream, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": stream}
-
-        with _hooks() as handles:
-            handles.append(layers[start].register_forward_pre_hook(feed, with_kwargs=True))
+        with feed_inputs(model, {start: stream}):
             yield
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
 
 
-@contextlib.contextmanager
-def layer_calls(model: nn.Module) -> Iterator[dict]:
-    """Record how a forward inside the block calls each decoder layer: ``calls[l] = (args, kwargs)``.
-
-    The stream itself is left out; what remains (attention mask, position encodings, flags) is what
-    `resume_stacked` needs to call the layers directly, exactly as the model does.
-    """
-    calls: dict = {}
-    with _hooks() as handles:
-        for l, layer in enumerate(decoder_layers(model)):
-            def record(module, args, kwargs, l=l):
-                calls[l] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
-            handles.append(layer.register_forward_pre_hook(record, with_kwargs=True))
-        yield calls
-
-
-def resume_stacked(model: nn.Module, calls: dict, streams: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+def resume_stacked(model: nn.Module, calls: dict, streams: dict[int, torch.Tensor],
+                   suffix: "Suffix | None" = None) -> dict[int, torch.Tensor]:
     """Final-normed hidden states after resuming the model from ``streams[l]``, the stream after layer l.
 
     Each later layer runs once on every stream that resumes before it, stacked along the batch: the
     same arithmetic per stream as `resume_from`, in one layer call per depth instead of one per
-    (stream, depth). ``calls`` comes from `layer_calls` on a forward over the same batch; tensors in
-    it with the batch as leading dimension are tiled to the stack.
+    (stream, depth). ``calls`` comes from `record` on a forward over the same batch. With a
+    ``suffix`` the streams hold only the suffix positions (`Suffix.gather`), and so do the outputs.
     """
     layers = decoder_layers(model)
     n = len(layers)
@@ -257,7 +232,7 @@ def resume_stacked(model: nn.Module, calls: dict, streams: dict[int, torch.Tenso
             h = streams[d - 1] if h is None else torch.cat([h, streams[d - 1]])
             order.append(d - 1)
         if d < n:
-            args, kwargs = calls[d]
+            args, kwargs = calls[d] if suffix is None else suffix.call(calls[d], d)
             k = len(order)
             h = _hidden(layers[d](h, *_tile(args, batch, k, tiled), **_tile(kwargs, batch, k, tiled)))
     return dict(zip(order, final_norm(model)(h).split(batch)))
@@ -281,34 +256,121 @@ def _tile(value, batch: int, k: int, memo: dict):
     return value
 
 
-def stream_gradients(model: nn.Module, batch, rows_per_pass: int = 4) -> dict[int, torch.Tensor]:
-    """``grads[l]`` (B, T, H): d(each row's summed response log-prob) / d(the stream after layer l).
+# --------------------------------------------------------------------------------------------
+# Prompt reuse: resume only the positions from the first patched one on
 
-    A padded `Batch`'s rows do not interact, so one backward of the summed log-probs gives every
-    row's own gradient. The stream is made a graph leaf at the first layer, so this works with
-    frozen weights and leaves every parameter's ``.grad`` untouched; ``rows_per_pass`` bounds the
-    memory the backward needs.
-    """
-    from .metrics import token_logprobs
 
+def _cache_kwarg(layer: nn.Module) -> str | None:
+    """The name under which a decoder layer takes its key/value cache (None: it takes none)."""
+    params = inspect.signature(layer.forward).parameters
+    return next((name for name in ("cache", "past_key_values", "past_key_value") if name in params), None)
+
+
+class _KVRecorder:
+    """Passed to every layer as its cache: keeps each layer's keys and values and changes nothing."""
+
+    def __init__(self):
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (key.detach(), value.detach())
+        return key, value
+
+
+@contextlib.contextmanager
+def record_kv(model: nn.Module) -> Iterator[dict]:
+    """Inside the block, each attention's keys and values (as they enter attention: after any rotary
+    embedding) are kept in the yielded dict, by layer index. Empty when the architecture has no
+    standard cache argument, which turns prompt reuse off."""
     layers = decoder_layers(model)
-    out: dict[int, list] = {l: [] for l in range(len(layers))}
-    for start in range(0, len(batch.input_ids), rows_per_pass):
-        ids, mask, response = (t[start:start + rows_per_pass] for t in
-                               (batch.input_ids, batch.attention_mask, batch.response_mask))
-        streams: list = []
-        with torch.enable_grad(), _hooks() as handles:
-            def lead(module, args, kwargs):
-                x = _input_hidden(args, kwargs).detach().requires_grad_(True)
-                return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+    name = _cache_kwarg(layers[0])
+    recorder = _KVRecorder()
+    with _hooks() as handles:
+        if name is not None:
+            def inject(module, args, kwargs):
+                return args, {**kwargs, name: recorder}
+            handles.extend(layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in layers)
+        yield recorder.kv
 
-            def keep(module, args, kwargs, output):
-                streams.append(_hidden(output))
 
-            handles.append(layers[0].register_forward_pre_hook(lead, with_kwargs=True))
-            handles.extend(layer.register_forward_hook(keep, with_kwargs=True) for layer in layers)
-            sums, _ = token_logprobs(model, final_hidden(model, ids, mask), ids, response)
-            grads = torch.autograd.grad(sums.sum(), streams, allow_unused=True)
-        for l, g in enumerate(grads):
-            out[l].append(torch.zeros_like(streams[l]) if g is None else g.detach())
-    return {l: torch.cat(v) for l, v in out.items()}
+class _PrefixCache:
+    """A cache that puts the recorded prefix keys and values before each layer's new ones (no state)."""
+
+    def __init__(self, kv: dict, prefix: int, batch: int):
+        self.kv, self.prefix, self.batch = kv, prefix, batch
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        k, v = (t[:, :, : self.prefix] for t in self.kv[layer_idx])
+        reps = key.shape[0] // self.batch
+        return torch.cat([k.repeat(reps, 1, 1, 1), key], 2), torch.cat([v.repeat(reps, 1, 1, 1), value], 2)
+
+
+@dataclass
+class Suffix:
+    """Each row's positions from its first patched one on, left-aligned: all a resumed run recomputes.
+
+    Built from a batch, the patched positions and the receiver's recorded keys and values. The
+    positions before a row's first patched one see the same inputs in every layer, so they are not
+    recomputed: each later layer attends to their recorded keys and values instead.
+    """
+
+    index: torch.Tensor  # (B, S): original position of each suffix slot
+    valid: torch.Tensor  # (B, S): slot holds a real position
+    mask: torch.Tensor  # (B, 1, S, P + S) additive: suffix queries against prefix then suffix keys
+    cache: _PrefixCache
+    cache_name: str
+
+    @classmethod
+    def build(cls, model: nn.Module, batch: PackedBatch, patched: torch.Tensor, kv: dict) -> "Suffix | None":
+        """None when there is nothing to save (a row patched from its first position) or no ``kv``."""
+        name = _cache_kwarg(decoder_layers(model)[0])
+        real = batch.real
+        lengths = real.sum(1)
+        first = torch.where(patched.any(1), patched.float().argmax(1), lengths)
+        if not kv or name is None or int(first.min()) == 0:
+            return None
+        prefix, width = int(first.max()), int((lengths - first).max())
+        slots = torch.arange(max(width, 1), device=real.device)
+        index = first[:, None] + slots[None]
+        valid = index < lengths[:, None]
+        index = index.clamp(max=real.shape[1] - 1)
+        ok = batch.allowed()
+        rows = torch.arange(len(ok), device=ok.device)[:, None, None]
+        to_prefix = ok[rows, index[:, :, None], torch.arange(prefix, device=ok.device)[None, None]]
+        to_prefix &= torch.arange(prefix, device=ok.device)[None, None] < first[:, None, None]
+        to_suffix = ok[rows, index[:, :, None], index[:, None, :]] & valid[:, None, :]
+        to_suffix |= torch.eye(index.shape[1], dtype=torch.bool, device=ok.device)  # padding slots see themselves
+        mask = additive(torch.cat([to_prefix, to_suffix], 2), next(model.parameters()).dtype)[:, None]
+        return cls(index, valid, mask, _PrefixCache(kv, prefix, len(index)), name)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (B, S, ...): the suffix positions of each row."""
+        idx = self.index.view(*self.index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, idx)
+
+    def scatter(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """``full`` (B, T, H) with its suffix positions taken from ``part`` (B, S, H)."""
+        out = full.clone()
+        rows, slots = self.valid.nonzero(as_tuple=True)
+        out[rows, self.index[rows, slots]] = part[rows, slots].to(out.dtype)
+        return out
+
+    def call(self, call: tuple, layer: int) -> tuple:
+        """A recorded layer call restricted to the suffix: mask, positions and the prefix cache."""
+        args, kwargs = call
+        if args:
+            raise ValueError("prompt reuse needs layers called with keyword arguments")
+        out = {}
+        for key, value in kwargs.items():
+            if key == "attention_mask":
+                out[key] = self.mask
+            elif key in ("position_ids", "cache_position") and isinstance(value, torch.Tensor) and value.dim() == 2:
+                out[key] = self.gather(value)
+            elif key == "position_embeddings":
+                out[key] = tuple(self.gather(t.expand(len(self.index), *t.shape[1:])) for t in value)
+            elif key in (self.cache_name, "use_cache") or not isinstance(value, torch.Tensor):
+                out[key] = value
+            else:
+                raise ValueError(f"prompt reuse does not know how to restrict the layer argument {key!r}")
+        out[self.cache_name] = self.cache
+        return (), out

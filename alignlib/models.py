@@ -1,17 +1,15 @@
-"""Model pairs: a base causal LM and its preference-tuned counterpart, sharing one tokenizer.
+"""Models: loading one side from any source, the checks a pair must pass, and where a model's parts are.
 
-`load_pair` accepts, for each side, a hub id, a local folder, a ``.gguf`` file, an already
-loaded model, or a built-in name (``"smollm2"``, ``"smollm2-long"``, ``"tiny"``), and refuses
-pairs that could not be compared position by position (other architecture, depth, width or
-tokenizer).
-The architecture helpers below (`decoder_layers`, `sublayer`, `final_norm`) find the parts
-that hooks patch in any Hugging Face causal LM, so no other module names a model family.
+`load_model` takes a hub id, a local folder, a ``.gguf`` file or a loaded model; `check_compatible`,
+`check_tokenizers` and `check_finite` refuse pairs that could not be compared position by position
+or would give NaN. The architecture helpers (`decoder_layers`, `sublayer`, `final_norm`) find the
+parts that hooks patch in any Hugging Face causal LM, so no other module names a model family.
+(`alignlib.pairs.load_pair` puts two sides together, built-in names included.)
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cache import atomic_dir, cache_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Text tokenised by both sides to check that they split text the same way.
@@ -53,56 +50,6 @@ class ModelPair:
         return {"base": self.base, "tuned": self.require_tuned()}
 
 
-def load_pair(
-    base: str | Path | nn.Module,
-    tuned: str | Path | nn.Module | None = None,
-    *,
-    tokenizer: Any = None,
-    dtype: str | torch.dtype = "float32",
-    device: str = "cpu",
-    device_map: str | dict | None = None,
-    revision: str | None = None,
-) -> ModelPair:
-    """Load a base model and its tuned counterpart as a checked `ModelPair`.
-
-    A built-in name (``"tiny"``, ``"smollm2"``, ``"smollm2-long"``) given as ``base`` with
-    ``tuned=None`` brings its own tuned side. For other sources ``tuned=None`` gives a base-only
-    pair (scores and captures of the base only). ``tokenizer`` is needed only when both sides are
-    loaded models.
-    ``device_map`` (e.g. ``"auto"``) is passed to ``from_pretrained`` and overrides ``device``.
-    """
-    torch_dtype = _dtype(dtype)
-    from . import builtin
-
-    if isinstance(base, str) and base in builtin.NAMES:
-        if tuned is not None:
-            raise PairError(f"built-in pair {base!r} brings its own tuned side; do not pass tuned=")
-        base_model, tuned_model, tok = builtin.load(base)
-        pair = ModelPair(base_model, tuned_model, tok, base)
-    else:
-        base_model, base_tok = load_model(base, dtype=torch_dtype, device_map=device_map, revision=revision)
-        tok = tokenizer if tokenizer is not None else base_tok
-        tuned_model = None
-        if tuned is not None:
-            tuned_model, tuned_tok = load_model(tuned, dtype=torch_dtype, device_map=device_map, revision=revision)
-            if tokenizer is None and tuned_tok is not None and tok is not None:
-                check_tokenizers(tok, tuned_tok)
-            tok = tok if tok is not None else tuned_tok
-        if tok is None:
-            raise PairError("no tokenizer: pass tokenizer= when both sides are already-loaded models")
-        pair = ModelPair(base_model, tuned_model, tok, _name(base, tuned))
-    if pair.tuned is not None:
-        check_compatible(pair.base, pair.tuned)
-    for m in (pair.base, pair.tuned):
-        if m is not None:
-            if device_map is None:
-                m.to(device=device)
-            m.to(dtype=torch_dtype)
-            m.eval()
-            m.requires_grad_(False)
-    return pair
-
-
 def load_model(source: str | Path | nn.Module, *, dtype: torch.dtype = torch.float32,
                device_map=None, revision: str | None = None):
     """Return (model, tokenizer or None) from a loaded model, a .gguf file, a folder or a hub id."""
@@ -126,21 +73,21 @@ def load_model(source: str | Path | nn.Module, *, dtype: torch.dtype = torch.flo
 
 
 def load_gguf(path: Path, *, dtype: torch.dtype = torch.float32):
-    """Load a GGUF checkpoint, converting it once to safetensors in the cache (later loads take ~1 s)."""
+    """Load a GGUF checkpoint, de-quantised to float32 and converted once into the store (later loads ~1 s)."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .store import Store, code_digest
+
+    def convert():
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        return _dequantized(model), tok, None
+
     stat = path.stat()
-    converted = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    if not (converted / "config.json").is_file():
-        with atomic_dir(converted) as tmp:
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-            _dequantized(model).save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            (tmp / "source.json").write_text(json.dumps({"gguf": str(path), "size": stat.st_size}))
-    model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(str(converted))
-    return model, tok
+    config = dict(gguf=path.name, size=stat.st_size, mtime=int(stat.st_mtime), transformers=transformers.__version__)
+    model, tok = Store().model(path.stem, config, code_digest(load_gguf, _dequantized), convert, progress=False)
+    return model.to(dtype), tok
 
 
 def _dequantized(model):
@@ -184,6 +131,14 @@ def check_compatible(base: nn.Module, tuned: nn.Module) -> None:
     vb, vt = base.get_output_embeddings().weight.shape[0], tuned.get_output_embeddings().weight.shape[0]
     if vb != vt:
         raise PairError(f"vocabulary size differs: base head has {vb} rows, tuned {vt}")
+
+
+def check_finite(model: nn.Module, side: str) -> None:
+    """Raise `PairError` naming the first weight of ``model`` that holds NaN or inf."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise PairError(f"the {side} model has non-finite weights (NaN or inf) in {name}")
 
 
 def check_tokenizers(a, b) -> None:
@@ -252,7 +207,7 @@ def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -262,8 +217,3 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
-def _name(base, tuned) -> str:
-    def short(x):
-        return type(x).__name__ if isinstance(x, nn.Module) else Path(str(x)).name or str(x)
-
-    return short(base) if tuned is None else f"{short(base)} vs {short(tuned)}"

@@ -1,15 +1,16 @@
-"""What the book's notebooks share: loading their inputs from parameters, caching, reporting.
+"""What the book's notebooks share: one call that sets a notebook up, cached steps, quoted results.
 
-Each notebook calls `load_inputs` with its papermill parameters, wraps every expensive step in
-`cached` (a no-op when ``run_dir`` is empty, so nbval always recomputes), and states its results
-with `ci_text` and `glue` so that the book's prose quotes executed numbers, never typed ones.
+Each notebook calls `start` with its papermill parameters and gets the model pair, the preference
+pairs, their encoding and the run's config (`Inputs`). Every expensive step goes through
+`Inputs.cached` (stored in the run folder's store; with an empty ``run_dir`` it always computes, so
+nbval checks recomputed results, never a cache), and results reach the prose through `glue` and
+`ci_text`, so the book quotes executed numbers, never typed ones.
 """
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,10 +18,44 @@ import numpy as np
 import torch
 
 from .data import encode_pairs, load_preferences
-from .models import load_pair
-from .runs import sha1, versions, write_atomic
+from .pairs import load_pair
+from .store import Store, sha1, versions
 
-__all__ = ["setup", "parse_rows", "load_inputs", "encode", "cached", "run_subdir", "ci_text", "glue", "record"]
+__all__ = ["Inputs", "start", "setup", "parse_rows", "reproduce", "ci_text", "glue"]
+
+
+@dataclass
+class Inputs:
+    """A notebook's model pair, preference pairs (valid, in source order), their encoding and config."""
+
+    pair: Any
+    prefs: Any
+    encoded: list
+    config: dict
+    run_dir: str = ""
+    parameters: dict = field(default_factory=dict)
+
+    def cached(self, name: str, compute: Callable[[], Any], **extra) -> Any:
+        """``compute()``, kept in the run folder under this run's config plus ``extra``."""
+        if not self.run_dir:
+            return compute()
+        return Store(self.run_dir).cached(name, {**self.config, **extra}, compute)
+
+    def folder(self, name: str, **extra) -> Path | None:
+        """A folder for one step's resumable work (a sweep's chunks), keyed by config; None when not caching."""
+        return Path(self.run_dir) / "sweeps" / f"{name}-{sha1({**self.config, **extra})[:10]}" if self.run_dir else None
+
+    @property
+    def record(self) -> dict:
+        """The run's parameters and package versions (long lists abridged), shown at the top of a notebook."""
+        def short(v):
+            return f"{len(v)} items: {v[0]} .. {v[-1]}" if isinstance(v, (list, tuple)) and len(v) > 4 else v
+
+        return {"parameters": {k: short(v) for k, v in self.parameters.items()}, "versions": versions()}
+
+
+#: One colour per meaning across the book: tuned->base / tuned / real patch first, then the rest.
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
 def setup(seed: int) -> None:
@@ -33,7 +68,8 @@ def setup(seed: int) -> None:
 
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars are noise in a rendered page
     matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "axes.spines.top": False,
-                                "axes.spines.right": False, "svg.hashsalt": "alignlib"})
+                                "axes.spines.right": False, "svg.hashsalt": "alignlib",
+                                "axes.prop_cycle": matplotlib.cycler(color=PALETTE)})
 
 
 def parse_rows(rows: str) -> tuple[int, int | None]:
@@ -45,58 +81,37 @@ def parse_rows(rows: str) -> tuple[int, int | None]:
         raise ValueError(f"rows must look like 'start:stop' (e.g. '1000:1256'), got {rows!r}") from None
 
 
-def load_inputs(base: str, tuned: str, data: str, rows: str, n_pairs: int, *, device: str = "cpu",
-                dtype: str = "float32"):
-    """The model pair and the first ``n_pairs`` valid preference pairs of ``data[rows]``."""
-    pair = load_pair(base, tuned or None, device=device, dtype=dtype)
+def start(base: str, tuned: str, data: str, rows: str, n_pairs: int, *, max_length: int,
+          max_response_tokens: int | None, seed: int, device: str = "cpu", dtype: str = "float32",
+          run_dir: str = "", pair=None, **parameters) -> Inputs:
+    """Seed, load the pair (or take ``pair``) and the first ``n_pairs`` valid pairs of ``data[rows]``, encode them.
+
+    ``n_pairs`` 0 takes every valid pair in ``rows``.
+    """
+    setup(seed)
+    pair = pair if pair is not None else load_pair(base, tuned or None, device=device, dtype=dtype)
     prefs = load_preferences(data, rows=parse_rows(rows))
     if n_pairs > len(prefs):
         raise ValueError(f"n_pairs={n_pairs}, but rows {rows!r} of {data!r} hold only {len(prefs)} valid pairs")
-    return pair, prefs[:n_pairs]
+    prefs = prefs[:n_pairs] if n_pairs else prefs
+    encoded = encode_pairs(pair.tokenizer, prefs, max_length=max_length, max_response_tokens=max_response_tokens)
+    config = dict(pair=pair.name, data=data, rows=rows, ids=prefs.ids, max_length=max_length,
+                  max_response_tokens=max_response_tokens, dtype=dtype)
+    return Inputs(pair, prefs, encoded, config, run_dir,
+                  dict(base=base, tuned=tuned, data=data, rows=rows, n_pairs=len(prefs), max_length=max_length,
+                       max_response_tokens=max_response_tokens, seed=seed, device=device, dtype=dtype, **parameters))
 
 
-def encode(pair, prefs, max_length: int, max_response_tokens: int):
-    """Tokenise pairs with the notebooks' shared length policy (prompt cut from the left, response cut and counted)."""
-    return encode_pairs(pair.tokenizer, prefs, max_length=max_length, max_response_tokens=max_response_tokens)
+def reproduce(notebook: str, **parameters) -> None:
+    """Show a "how to reproduce this page" box: the papermill command that re-runs it (with ``parameters``)."""
+    from IPython.display import Markdown, display
 
-
-def run_subdir(run_dir: str, name: str, config: dict) -> Path | None:
-    """A folder for one step's resumable work, keyed by its config (None when not caching)."""
-    return Path(run_dir) / f"{name}-{sha1(config)[:10]}" if run_dir else None
-
-
-def cached(run_dir: str, name: str, config: dict, compute: Callable[[], Any]) -> Any:
-    """``compute()``, stored in ``run_dir`` with its config, and reused while the config and alignlib's code match.
-
-    With an empty ``run_dir`` it always computes (nbval re-executes the notebooks this way, so the
-    regression test checks recomputed results, never a cache).
-    """
-    if not run_dir:
-        return compute()
-    folder = Path(run_dir)
-    key = sha1({"config": config, "code": code_digest()})[:10]
-    path = folder / f"{name}-{key}.pkl"
-    if path.is_file():
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    value = compute()
-    write_atomic(path, pickle.dumps(value))
-    write_atomic(folder / f"{name}-{key}.json", _json({"config": config, "versions": versions()}))
-    return value
-
-
-def code_digest() -> str:
-    """A digest of alignlib's source: a cached result computed by other code is not reused."""
-    h = hashlib.sha1()
-    for f in sorted(Path(__file__).parent.rglob("*.py")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+    extra = "".join(f" -p {k} {v}" for k, v in parameters.items())
+    display(Markdown(
+        f":::{{admonition}} How to reproduce this page\n:class: tip\n"
+        f"`papermill notebooks/{notebook}.ipynb runs/{notebook}.ipynb --cwd notebooks{extra} -p run_dir ../runs/cache`"
+        f"\n\nAny parameter of the first cell can be changed with `-p NAME VALUE`; "
+        f"`papermill --help-notebook notebooks/{notebook}.ipynb` lists them.\n:::"))
 
 
 def ci_text(estimate: float, low: float, high: float, digits: int = 2, unit: str = "") -> str:
@@ -114,13 +129,3 @@ def glue(name: str, value, display: bool = False):
         return value
     _glue(name, value, display=display)
     return value
-
-
-def record(**parameters) -> dict:
-    """The run's parameters and package versions, shown at the top of every notebook (long lists abridged)."""
-    def short(v):
-        if isinstance(v, (list, tuple)) and len(v) > 4:
-            return f"{len(v)} items: {v[0]} .. {v[-1]}"
-        return v
-
-    return {"parameters": {k: short(v) for k, v in parameters.items()}, "versions": versions()}

@@ -1,33 +1,18 @@
-"""Make a preference-tuned counterpart of a base model by DPO, and cache it.
+"""Make a preference-tuned counterpart of a base model by DPO.
 
 Nobody publishes a preference-tuned SmolLM2-135M-Instruct and no hub is reachable offline, so the
 embedded default pair's tuned side is made here, the way the field makes one: full fine-tuning
 (not LoRA: a low-rank adapter would build low rank into the very thing the low-rank analysis
-measures) with the DPO loss, the base as the frozen reference model.
+measures) with the DPO loss, the base as the frozen reference model. ``layers=`` trains only some
+decoder layers, which plants a change whose location is known (`alignlib.validation`).
 
-The embedded pair is trained on Anthropic HH-RLHF harmless-base **test** rows 0-999 (see
-`alignlib.builtin`) and every analysis uses rows from 1000 on, never the training rows. The test
-split is used because the train split is not available offline here (the project's local copy
-holds test rows only); hub users get the very same rows.
-
-Why a small DPO loop of our own rather than TRL's DPOTrainer: on a 2-core CPU every FLOP counts,
-and the loop must reuse exactly the tokenisation and response masks that `score` measures, so that
-the implicit reward DPO raises is the reward gain the notebooks localise. The loop precomputes
-reference log-probs once, runs each pair as one packed row (prompt, chosen, rejected: the shared
-prompt is computed once, as in `alignlib.patching`), batches pairs of similar length together,
-projects to the vocabulary only at response positions and steps a fused AdamW; the loss is tested
-against a hand-worked example.
-
-Cost, measured on the project's 2-core CPU (fp32 matmuls at ~85-150 GFLOP/s depending on the day,
-no native bf16): a forward and backward pass over one token of SmolLM2-135M costs ~1 GFLOP with the
-reference pass, matmuls are three quarters of the time, and build time is proportional to the
-packed tokens at a given batch size, at a speed that varies by up to a third from day to day.
-Batches of 8 pairs run ~25% faster per token than batches of 4: larger matmuls, and half as many
-optimizer steps over 135M parameters (~0.25 s each). One epoch over rows 0-999 holds ~44,000 packed
-tokens at 32 tokens per sequence (the embedded recipe, batch 8: 9.2 minutes as measured), ~55,000
-at 40 and ~108,000 at 96 (``smollm2-long``, batch 4: 21 minutes as measured, on a faster day). A
-tied embedding's gradient is taken sparse: the same gradient, without a zero-fill the size of the
-vocabulary at every step.
+Why a small loop of our own rather than TRL's DPOTrainer: on a 2-core CPU every FLOP counts, and
+the loop must reuse exactly the tokenisation and log-probs that `score` measures, so that the
+implicit reward DPO raises is the reward gain the notebooks localise. It precomputes reference
+log-probs once, runs each pair as one packed row (`alignlib.forward`), batches pairs of similar
+length, projects to the vocabulary only at response positions, takes a tied embedding's gradient
+sparse (the same gradient without a vocabulary-sized fill per step) and steps a fused AdamW. Its
+loss equals TRL's on the same batch (tests/test_trl_parity.py).
 """
 
 from __future__ import annotations
@@ -37,24 +22,25 @@ import dataclasses
 import json
 import random
 import time
-import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from tqdm.auto import tqdm
+from safetensors.torch import load_file, load_model, save_file, save_model
+from transformers import get_linear_schedule_with_warmup
 
-from .cache import atomic_dir, cache_dir
-from .data import encode_pairs, length_batches, pack_pairs, packed_length
-from .metrics import packed_hidden, pad_id, pair_logprobs
+from .data import encode_pairs, length_batches, pack_pairs, packed_length, pad_id
+from .forward import logprobs
 from .hooks import check_layer
 from .models import decoder_layers
-from .runs import versions
+from .store import atomic_dir
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPORecipe:
     """Everything that determines a tuned model; a change to any field rebuilds the cache."""
 
     beta: float = 0.1
@@ -75,20 +61,23 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return -F.logsigmoid(beta * margin)
 
 
-def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, layers=None, progress: bool = True):
+def make_tuned(base, tokenizer, prefs, recipe: DPORecipe = DPORecipe(), *, layers=None,
+               checkpoints: "Checkpoints | None" = None, progress: bool = True):
     """Return (tuned model, training log) from DPO on ``prefs`` starting at, and referenced to, ``base``.
 
     ``layers``: decoder layers to train, every other weight frozen (None: full fine-tuning, the
     default; a subset plants a change whose location is known, see `alignlib.validation`).
-    ``base`` itself is not modified. The log has one row per step: loss, mean implicit reward
-    margin (beta-scaled) and the share of pairs in the batch whose margin is positive.
+    ``checkpoints``: where to keep the policy at chosen steps; a run interrupted after one resumes
+    from the latest and ends exactly as an uninterrupted run. ``base`` itself is not modified. The
+    log has one row per step: loss, mean implicit reward margin (beta-scaled) and the share of pairs
+    in the batch whose margin is positive.
     """
-    torch.manual_seed(config.seed)
-    encoded = encode_pairs(tokenizer, prefs, max_length=config.max_length,
-                           max_response_tokens=config.max_response_tokens)
+    torch.manual_seed(recipe.seed)
+    encoded = encode_pairs(tokenizer, prefs, max_length=recipe.max_length,
+                           max_response_tokens=recipe.max_response_tokens)
     pad = pad_id(tokenizer)
-    batches = length_batches([packed_length(e) for e in encoded], config.batch_size)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast)
+    batches = length_batches([packed_length(e) for e in encoded], recipe.batch_size)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16_autocast)
 
     reference = {}
     base.eval()
@@ -110,35 +99,38 @@ def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, layer
     # dense one absorbs it) without a vocabulary-sized zero-fill per step. Untied, it would reach the optimizer.
     embeddings.sparse = output is not None and output.weight is embeddings.weight
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, fused=True)
-    total = config.epochs * len(batches)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)) * max(0.0, 1 - s / total))
-    rng = random.Random(config.seed)
-    log = []
-    bar = tqdm(total=total, desc="DPO", disable=not progress)
-    start = time.perf_counter()
-    for epoch in range(config.epochs):
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0, fused=True)
+    total = recipe.epochs * len(batches)
+    schedule = get_linear_schedule_with_warmup(optimizer, recipe.warmup_steps, total)
+    done, log = checkpoints.resume(policy, optimizer, schedule) if checkpoints else (0, [])
+    rng = random.Random(recipe.seed)
+    bar = tqdm(total=total, initial=done, desc="DPO", disable=not progress)
+    start = time.perf_counter() - (log[-1]["seconds"] if log else 0.0)
+    for epoch in range(recipe.epochs):
         order = list(range(len(batches)))
         rng.shuffle(order)
-        for b in order:
+        for i, b in enumerate(order):
+            if epoch * len(batches) + i < done:  # finished before the checkpoint this run resumed from
+                continue
             idx = batches[b]
             with autocast:
                 logp = _pair_logprobs(policy, [encoded[i] for i in idx], pad)
             ref = torch.tensor([reference[i] for i in idx], dtype=logp.dtype)
-            losses = dpo_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], config.beta)
+            losses = dpo_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], recipe.beta)
             loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
             optimizer.step()
             schedule.step()
             with torch.no_grad():
-                margin = config.beta * ((logp[:, 0] - ref[:, 0]) - (logp[:, 1] - ref[:, 1]))
+                margin = recipe.beta * ((logp[:, 0] - ref[:, 0]) - (logp[:, 1] - ref[:, 1]))
             log.append(dict(step=len(log), epoch=epoch, loss=loss.item(), reward_margin=margin.mean().item(),
                             reward_accuracy=(margin > 0).float().mean().item(), seconds=time.perf_counter() - start))
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if checkpoints and len(log) in checkpoints.steps:
+                checkpoints.save(len(log), policy, optimizer, schedule, log)
     bar.close()
     embeddings.sparse = False
     policy.eval()
@@ -146,59 +138,67 @@ def make_tuned(base, tokenizer, prefs, config: DPOConfig = DPOConfig(), *, layer
     return policy, pd.DataFrame(log)
 
 
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a DPO run keeps its policy after chosen numbers of updates (``steps``).
+
+    Weights, optimizer state and the log so far are written atomically as safetensors and JSON
+    (nothing that runs code when read). Only the latest checkpoint keeps its optimizer state.
+    """
+
+    folder: Path
+    steps: tuple = ()
+
+    def path(self, step: int) -> Path:
+        return Path(self.folder) / f"step-{step:06d}"
+
+    def done(self) -> list[int]:
+        return sorted(s for s in self.steps if (self.path(s) / "state.json").is_file())
+
+    def load(self, step: int, model):
+        """``model`` with the policy's weights after ``step`` updates."""
+        load_model(model, self.path(step) / "model.safetensors")
+        return model
+
+    def save(self, step: int, policy, optimizer, schedule, log: list) -> None:
+        with atomic_dir(self.path(step)) as tmp:
+            save_model(policy, tmp / "model.safetensors")
+            state = optimizer.state_dict()["state"]
+            save_file({f"{i}.{k}": v.detach().clone() for i, st in state.items() for k, v in st.items()},
+                      tmp / "optimizer.safetensors")
+            (tmp / "state.json").write_text(json.dumps(dict(schedule=schedule.state_dict(), log=log), default=str))
+        for earlier in self.done():
+            if earlier < step:
+                (self.path(earlier) / "optimizer.safetensors").unlink(missing_ok=True)
+
+    def resume(self, policy, optimizer, schedule) -> tuple[int, list]:
+        """(updates done, log so far) after restoring the latest checkpoint that can resume; (0, []) if none."""
+        usable = [s for s in self.done() if (self.path(s) / "optimizer.safetensors").is_file()]
+        if not usable:
+            return 0, []
+        step = usable[-1]
+        self.load(step, policy)
+        saved, tensors = json.loads((self.path(step) / "state.json").read_text()), load_file(
+            self.path(step) / "optimizer.safetensors")
+        state = {}
+        for key, value in tensors.items():
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+        schedule.load_state_dict(saved["schedule"])
+        for group, lr in zip(optimizer.param_groups, schedule.get_last_lr()):  # the lr the next step uses
+            group["lr"] = lr
+        return step, saved["log"]
+
+
 def _pair_logprobs(model, pairs, pad) -> torch.Tensor:
     """(n, 2) summed response log-probs of (chosen, rejected), each pair one packed row (shared prompt)."""
-    batch = pack_pairs(pairs, pad).to(next(model.parameters()).device)
-    return pair_logprobs(model, packed_hidden(model, batch), batch)
+    return logprobs(model, pack_pairs(pairs, pad).to(next(model.parameters()).device), what="DPO policy")
 
 
-# --------------------------------------------------------------------------------------------
-# Cache
+#: How the loop runs; part of every built model's record, beside the code digest.
+LOOP = "packed pairs, fused AdamW, linear warmup schedule"
 
 
-def cached_model(name: str, config: dict, build, *, progress: bool = True):
-    """Load model ``name`` from the cache if it was built with ``config``; else ``build()`` and save it.
-
-    ``build()`` returns (model, tokenizer, log DataFrame or None). A cache entry with another config
-    is rebuilt; an unreadable one is reported and rebuilt, never trusted.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = cache_dir() / "tuned" / name
-    record = json.loads(json.dumps(config, default=str))
-    if (folder / "alignlib.json").is_file():
-        try:
-            saved = json.loads((folder / "alignlib.json").read_text())
-            if saved.get("config") == record:
-                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-                return model.eval(), AutoTokenizer.from_pretrained(str(folder))
-            reason = "its config changed"
-        except Exception as err:  # a corrupt or partial entry: say so and rebuild
-            reason = f"it is unreadable ({type(err).__name__}: {str(err)[:200]})"
-        warnings.warn(f"rebuilding cached model {name!r} at {folder}: {reason}", stacklevel=2)
-    if progress:
-        print(f"building {name!r} (cached at {folder}); this happens once", flush=True)
-    start = time.perf_counter()
-    model, tokenizer, log = build()
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if log is not None:
-            log.to_csv(tmp / "training_log.csv", index=False)
-        meta = dict(config=record, versions=versions(), build_seconds=round(time.perf_counter() - start, 1))
-        (tmp / "alignlib.json").write_text(json.dumps(meta, indent=2))
-    return model.eval(), tokenizer
-
-
-def cache_record(name: str) -> dict | None:
-    """The record saved with cached model ``name`` (config, package versions, build seconds), or None."""
-    path = cache_dir() / "tuned" / name / "alignlib.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-#: How the loop runs; part of every cache record, so that models built by an older loop are rebuilt.
-LOOP = "packed pairs, fused AdamW"
-
-
-def config_record(config: DPOConfig, **extra) -> dict:
-    return {**dataclasses.asdict(config), "loop": LOOP, **extra}
+def recipe_record(recipe: DPORecipe, **extra) -> dict:
+    return {**dataclasses.asdict(recipe), "loop": LOOP, **extra}

@@ -9,8 +9,9 @@ builders make such pairs from any base model:
   W becomes W + c A B^T, A and B with orthonormal columns: ``rank`` equally strong directions),
   so the tuned stream differs from the base's at that layer only inside the ``rank``-dimensional
   span of A;
-- ``kind="dpo"``: DPO on ``prefs`` with every weight frozen except decoder layer ``layer``'s, so
-  the change is learnt the way real tuning learns it, but only in one known place;
+- ``kind="dpo"``: DPO on ``prefs`` with every weight frozen except decoder layer ``layer``'s (or
+  those of a list of layers, a band), so the change is learnt the way real tuning learns it, but
+  only in a known place;
 - ``kind="diffuse"``: every decoder layer moves a little (the same relative size each), so no single
   layer should be reported as the place where the pair differs.
 
@@ -34,26 +35,29 @@ KINDS = ("weights", "rank", "dpo", "diffuse")
 
 
 def planted_pair(pair: ModelPair, *, layer: int | None = None, rank: int | None = None, kind: str = "weights",
-                 scale: float = 0.3, seed: int = 0, prefs=None, dpo=None) -> ModelPair:
+                 scale: float = 0.3, seed: int = 0, prefs=None, dpo=None, layers=None) -> ModelPair:
     """A copy of ``pair.base`` changed in a known way, paired with the base (see the module docstring).
 
-    ``prefs`` and ``dpo`` (a `DPOConfig`) are used by ``kind="dpo"`` only.
+    ``prefs``, ``dpo`` (a `DPORecipe`) and ``layers`` (a band, instead of one ``layer``) are used by
+    ``kind="dpo"`` only.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
-    layers = decoder_layers(pair.base)
-    if kind != "diffuse" and (layer is None or not 0 <= layer < len(layers)):
-        raise ValueError(f"kind={kind!r} needs layer in 0..{len(layers) - 1}, got {layer!r}")
+    band = [layer] if layers is None else list(layers)
+    n = len(decoder_layers(pair.base))
+    if kind != "diffuse" and (not band or any(l is None or not 0 <= l < n for l in band)):
+        raise ValueError(f"kind={kind!r} needs layer in 0..{n - 1}, got {layer if layers is None else layers!r}")
     if kind == "rank" and (rank is None or rank < 1):
         raise ValueError("kind='rank' needs rank >= 1")
     if kind == "dpo":
         if prefs is None:
             raise ValueError("kind='dpo' needs prefs= (the preference pairs to tune layer k on)")
-        from .tuning import DPOConfig, make_tuned
+        from .tuning import DPORecipe, make_tuned
 
-        tuned, _ = make_tuned(pair.base, pair.tokenizer, prefs, dpo or DPOConfig(seed=seed), layers=[layer],
+        tuned, _ = make_tuned(pair.base, pair.tokenizer, prefs, dpo or DPORecipe(seed=seed), layers=band,
                               progress=False)
-        return ModelPair(pair.base, tuned, pair.tokenizer, f"{pair.name}:planted-dpo-layer{layer}")
+        where = f"layer{band[0]}" if len(band) == 1 else f"layers{band[0]}-{band[-1]}"
+        return ModelPair(pair.base, tuned, pair.tokenizer, f"{pair.name}:planted-dpo-{where}")
     tuned = copy.deepcopy(pair.base)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -61,7 +65,7 @@ def planted_pair(pair: ModelPair, *, layer: int | None = None, rank: int | None 
             _perturb(decoder_layers(tuned)[layer], scale, gen)
         elif kind == "diffuse":
             for block in decoder_layers(tuned):
-                _perturb(block, scale / len(layers) ** 0.5, gen)
+                _perturb(block, scale / n ** 0.5, gen)
         else:
             out = _output_projection(sublayer(decoder_layers(tuned)[layer], "mlp"))
             w = out.weight
@@ -101,7 +105,7 @@ def _output_projection(mlp: nn.Module) -> nn.Linear:
 
 @dataclass
 class Validation:
-    """``checks``: one row per check (``check, expected, measured, passed``); ``summary``: the patching sweep;
+    """``checks``: one row per check (``analysis, measure, check, expected, measured, passed``); ``summary``: the sweep;
     ``gains``: each pair's reward gain; ``features``: the LASSO's features per measure (pairs x layers)."""
 
     checks: pd.DataFrame
@@ -136,8 +140,9 @@ def validate(planted: ModelPair, prefs, *, layer: int | None, rank: int | None =
     s = sweep.summary
     rows = []
 
-    def add(check, expected, measured, passed):
-        rows.append(dict(check=check, expected=expected, measured=measured, passed=bool(passed)))
+    def add(analysis, measure, check, expected, measured, passed):
+        rows.append(dict(analysis=analysis, measure=measure, check=check, expected=expected, measured=measured,
+                         passed=bool(passed)))
 
     def curve(site, direction):
         return s[(s.site == site) & (s.direction == direction)].set_index("layer").recovery.sort_index()
@@ -147,23 +152,26 @@ def validate(planted: ModelPair, prefs, *, layer: int | None, rank: int | None =
         # preference), so dominance is judged on the size of each block's effect instead.
         size = _effect_size(sweep.pairs, "block", "tuned_to_base")
         share = size / size.sum()
-        add("no single block dominates (largest share of summed |effect| < 0.5)", "< 0.5",
+        add("patching", "block", "no single block dominates (largest share of summed |effect| < 0.5)", "< 0.5",
             f"{share.max():.3f} at layer {int(share.idxmax())}", share.max() < 0.5)
     else:
         for direction in ("tuned_to_base", "base_to_tuned"):
             b, r = curve("block", direction), curve("resid", direction)
             arrow = direction.replace("_to_", " -> ")
             before = float(np.abs(b[b.index < layer]).max()) if layer > 0 else 0.0
-            add(f"block ({arrow}): recovery 1 at layer {layer}", "1", f"{b[layer]:.4f}", abs(b[layer] - 1) < tolerance)
-            add(f"block ({arrow}): recovery 0 before layer {layer}", "0", f"{before:.4f}", before < tolerance)
+            add("patching", f"block {arrow}", f"block ({arrow}): recovery 1 at layer {layer}", "1", f"{b[layer]:.4f}",
+                abs(b[layer] - 1) < tolerance)
+            add("patching", f"block {arrow}", f"block ({arrow}): recovery 0 before layer {layer}", "0", f"{before:.4f}",
+                before < tolerance)
             size = _effect_size(sweep.pairs, "block", direction)  # by size: ratios mislead when the mean gain is ~0
-            add(f"block ({arrow}): largest effect at layer {layer}", str(layer), str(int(size.idxmax())),
-                int(size.idxmax()) == layer)
+            add("patching", f"block {arrow}", f"block ({arrow}): largest effect at layer {layer}", str(layer),
+                str(int(size.idxmax())), int(size.idxmax()) == layer)
             r_before = float(np.abs(r[r.index < layer]).max()) if layer > 0 else 0.0
             r_after = float(np.abs(r[r.index >= layer] - 1).max())
-            add(f"resid ({arrow}): 0 before layer {layer}", "0", f"{r_before:.4f}", r_before < tolerance)
-            add(f"resid ({arrow}): 1 from layer {layer} on", "1", f"max |r - 1| = {r_after:.4f}",
-                r_after < tolerance)
+            add("patching", f"resid {arrow}", f"resid ({arrow}): 0 before layer {layer}", "0", f"{r_before:.4f}",
+                r_before < tolerance)
+            add("patching", f"resid {arrow}", f"resid ({arrow}): 1 from layer {layer} on", "1",
+                f"max |r - 1| = {r_after:.4f}", r_after < tolerance)
 
     gains = sweep.pairs.query("direction == 'tuned_to_base'").groupby("id", sort=False).gain.first()
     features = {}
@@ -178,11 +186,12 @@ def validate(planted: ModelPair, prefs, *, layer: int | None, rank: int | None =
             coef = lasso.coefficients.set_index("layer").coef.abs()
             share = coef / coef.sum() if coef.sum() > 0 else coef
             dominant = [l for l in coef.index if stability[l] >= 0.9 and share[l] >= 0.5]
-            add(f"LASSO on {measure}: no single dominant layer (stable in >= 90% and >= half of |coef|)", "none",
+            add("LASSO", measure, f"LASSO on {measure}: no single dominant layer (stable in >= 90% and >= half of |coef|)",
+                "none",
                 str(dominant) if dominant else f"none ({int((stability >= 0.9).sum())} stable layers)",
                 not dominant)
         else:
-            add(f"LASSO on {measure}: layer {layer} selected in >= 90% of resamples", ">= 0.90",
+            add("LASSO", measure, f"LASSO on {measure}: layer {layer} selected in >= 90% of half-samples", ">= 0.90",
                 f"{stability[layer]:.2f}", stability[layer] >= 0.9)
 
     if rank is not None:
@@ -193,9 +202,9 @@ def validate(planted: ModelPair, prefs, *, layer: int | None, rank: int | None =
         # a ratio of mean effects misleads when a planted change's mean gain is near zero.
         pca = low.pairs.query("basis == 'pca'").groupby("k").apply(
             lambda g: 1 - ((g.effect - g.full_effect) ** 2).sum() / (g.full_effect ** 2).sum(), include_groups=False)
-        add(f"low-rank: >= 0.9 of the full effect at k = {rank} (pair by pair)", ">= 0.9", f"{pca[rank]:.3f}",
-            pca[rank] >= 0.9)
+        add("low-rank", "resid", f"low-rank: >= 0.9 of the full effect at k = {rank} (pair by pair)", ">= 0.9",
+            f"{pca[rank]:.3f}", pca[rank] >= 0.9)
         below = pca[pca.index < rank]
-        add(f"low-rank: < 0.9 for every k < {rank} (pair by pair)", "< 0.9",
+        add("low-rank", "resid", f"low-rank: < 0.9 for every k < {rank} (pair by pair)", "< 0.9",
             f"{below.max():.3f}" if len(below) else "no k < r", (below < 0.9).all())
     return Validation(pd.DataFrame(rows), s, gains, features)

@@ -158,3 +158,20 @@ def test_encoding_shares_prompt_ids_and_truncates_the_prompt_from_the_left(tiny,
 def test_eos_option(tiny, builtin_prefs):
     e = encode_pairs(tiny.tokenizer, builtin_prefs[:1], add_eos=True)[0]
     assert e.chosen[-1] == tiny.tokenizer.eos_token_id
+
+
+def test_an_empty_file_and_one_without_the_columns_name_the_problem(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(PreferenceError, match=r"empty.jsonl holds no rows; expected rows with columns prompt, "
+                                              r"chosen, rejected \(or HH-style whole dialogues"):
+        load_preferences(empty)
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("question,good,bad\nq,a,b\n")
+    with pytest.raises(PreferenceError, match=r"wrong.csv has no 'chosen' or 'rejected' column \(it has \['bad', "
+                                              r"'good', 'question'\]\); expected columns prompt, chosen, rejected"):
+        load_preferences(wrong)
+    half = tmp_path / "half.jsonl"
+    half.write_text(json.dumps({"prompt": "p", "chosen": " a"}) + "\n")
+    with pytest.raises(PreferenceError, match="has no 'rejected' column"):
+        load_preferences(half)

@@ -31,14 +31,14 @@ def test_packed_pairs_score_as_their_two_separate_sequences(tiny, builtin_prefs)
     import torch
 
     from alignlib.data import pack_pairs
-    from alignlib.metrics import packed_hidden, pair_logprobs
+    from alignlib.forward import hidden, pair_logprobs
 
     encoded = encode_pairs(tiny.tokenizer, builtin_prefs[:10])
     batch = pack_pairs(encoded, 0)
     assert (~batch.real).any()  # padded rows
     with torch.no_grad():
         for model in (tiny.base, tiny.tuned):
-            got = pair_logprobs(model, packed_hidden(model, batch), batch)
+            got = pair_logprobs(model, hidden(model, batch), batch)
             for e, (c, r) in zip(encoded, got.tolist()):
                 assert c == pytest.approx(naive_logprob(model, e.chosen, e.chosen_start), rel=1e-5)
                 assert r == pytest.approx(naive_logprob(model, e.rejected, e.rejected_start), rel=1e-5)
@@ -50,7 +50,7 @@ def test_packed_pairs_score_as_their_two_separate_sequences(tiny, builtin_prefs)
                                         chosen_start=0, rejected_start=0)], 0)
     flash = type("Model", (), {"config": type("Config", (), {"_attn_implementation": "flash_attention_2"})()})()
     with pytest.raises(ValueError, match="4-D mask"):
-        packed_hidden(flash, batch)
+        hidden(flash, batch)
 
 
 def test_margins_gain_and_means_are_consistent(tiny, builtin_prefs):
@@ -69,9 +69,11 @@ def test_preference_accuracy_and_bootstrap():
     acc = preference_accuracy(t, n_boot=200)
     assert list(acc.accuracy) == [0.75, 0.75]
     assert (acc.ci_low <= acc.accuracy).all() and (acc.accuracy <= acc.ci_high).all()
-    est, lo, hi = bootstrap_ci(np.mean, np.ones(10))
+    from alignlib.stats import mean, ratio_of_means
+
+    est, lo, hi = bootstrap_ci(mean, np.ones(10))
     assert est == lo == hi == 1.0
-    est, lo, hi = bootstrap_ci(lambda a, b: a.mean() / b.mean(), np.arange(1, 50.0), np.arange(1, 50.0) * 2)
+    est, lo, hi = bootstrap_ci(ratio_of_means, np.arange(1, 50.0), np.arange(1, 50.0) * 2)
     assert est == lo == hi == pytest.approx(0.5)
 
 
@@ -109,10 +111,11 @@ def test_command_line_scores_into_a_run_folder(tmp_path, capsys):
     from alignlib.__main__ import main
 
     out = tmp_path / "run"
-    assert main(["score", "--pair", "tiny", "--data", "builtin", "--rows", "0:6", "--out", str(out)]) == 0
+    assert main(["score", "--pair", "tiny", "--data", "builtin", "--rows", "0:6", "--max-length", "1024",
+                 "--max-response-tokens", "1000", "--out", str(out)]) == 0
     assert "6 pairs from builtin" in capsys.readouterr().out
-    assert json.loads((out / "config.json").read_text())["pair"] == "tiny"
-    assert "torch" in json.loads((out / "versions.json").read_text())
+    record = json.loads((out / "entry.json").read_text())
+    assert record["config"]["pair"] == "tiny" and "torch" in record["versions"]
     import pandas as pd
 
     assert len(pd.read_csv(out / "scores.csv")) == 6

@@ -122,3 +122,18 @@ def test_base_only_pair(tiny, builtin_prefs):
         pair.require_tuned()
     table = score(pair, builtin_prefs[:2], progress=False)
     assert "margin_base" in table and "reward_gain" not in table
+
+
+def test_non_finite_weights_and_log_probs_are_errors_that_name_the_model(tiny, builtin_prefs):
+    import copy
+
+    broken = copy.deepcopy(tiny.tuned)
+    with torch.no_grad():
+        decoder_layers(broken)[2].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(PairError, match=r"the tuned model has non-finite weights \(NaN or inf\) in "
+                                        r"model.layers.2.mlp.down_proj.weight"):
+        load_pair(tiny.base, broken, tokenizer=tiny.tokenizer)
+    pair = load_pair(tiny.base, tiny.tuned, tokenizer=tiny.tokenizer)
+    pair.tuned = broken  # a model that turns NaN after loading: the first forward says so
+    with pytest.raises(FloatingPointError, match=r"tuned model: non-finite log-probs on pairs \['builtin-0001'"):
+        score(pair, builtin_prefs[:2], progress=False)

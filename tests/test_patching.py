@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from alignlib import ModelPair, PairError, load_pair
-from alignlib.hooks import capture, layer_calls, patch, resume_from, resume_stacked
-from alignlib.metrics import token_logprobs
+from alignlib.capture import capture
+from alignlib.data import encode_pairs, pack_pairs
+from alignlib.forward import hidden, pair_logprobs
+from alignlib.hooks import patch, record, resume_from, resume_stacked
 from alignlib.models import decoder_layers, final_norm
 from alignlib.patching import CONTROLS, patch_sweep
 
-SITES = ["resid", "block", "attn", "mlp"]
+SITES = ["resid", "block", "attn", "mlp", "own"]
 BOTH = ["tuned_to_base", "base_to_tuned"]
 
 
@@ -40,7 +42,7 @@ def test_identity_patch_changes_nothing_at_every_site_and_direction(tiny, prefs)
         sw = patch_sweep(tiny, prefs, site=SITES, direction=BOTH, controls=["identity"], method=method,
                          chunk_size=3, progress=False)
         ident = sw.pairs.query("control == 'identity'")
-        assert len(ident) == len(prefs) * 4 * 2 * tiny.n_layers
+        assert len(ident) == len(prefs) * len(SITES) * 2 * tiny.n_layers
         assert (ident.effect == 0).all()
         assert (ident.margin_patched == ident.margin_receiver).all()
 
@@ -54,29 +56,23 @@ def test_fast_path_equals_plain_hook_path(tiny, prefs):
 
 def test_stacked_resume_equals_one_resume_per_layer(tiny, builtin_prefs):
     """Running every later layer once on all patched streams stacked gives each stream's own resume."""
-    from alignlib.data import collate, encode_pairs, sequences
-    from alignlib.models import final_hidden
-
-    seqs = sequences(encode_pairs(tiny.tokenizer, builtin_prefs[:3]))
-    batch = collate(seqs, 0)  # padded: the attention mask must be tiled with the streams
-    assert (batch.attention_mask == 0).any()
-    with torch.no_grad(), capture(tiny.base) as acts, layer_calls(tiny.base) as calls:
-        final_hidden(tiny.base, batch.input_ids, batch.attention_mask)
+    batch = pack_pairs(encode_pairs(tiny.tokenizer, builtin_prefs[:3]), 0)
+    assert (~batch.real).any()  # padded: the attention mask must be tiled with the streams
+    cap = capture(tiny.base, batch)
     gen = torch.Generator().manual_seed(0)
-    streams = {l: acts["resid", l] + 0.1 * torch.randn(acts["resid", l].shape, generator=gen)
+    streams = {l: cap.value("resid", l) + 0.1 * torch.randn(cap.value("resid", l).shape, generator=gen)
                for l in range(tiny.n_layers)}
     with torch.no_grad():
-        stacked = resume_stacked(tiny.base, calls, streams)
+        stacked = resume_stacked(tiny.base, cap.calls, streams)
         for l, stream in streams.items():
             if l + 1 < tiny.n_layers:
                 with resume_from(tiny.base, l + 1, stream):
-                    one = final_hidden(tiny.base, batch.input_ids, batch.attention_mask)
+                    one = hidden(tiny.base, batch)
             else:
                 one = final_norm(tiny.base)(stream)
-            real = batch.attention_mask.bool()
-            torch.testing.assert_close(stacked[l][real], one[real], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(stacked[l][batch.real], one[batch.real], rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="out of range"):
-            resume_stacked(tiny.base, calls, {tiny.n_layers: streams[0]})
+            resume_stacked(tiny.base, cap.calls, {tiny.n_layers: streams[0]})
 
 
 def test_stack_size_does_not_change_a_sweep(tiny, prefs, monkeypatch):
@@ -96,21 +92,12 @@ def test_last_layer_resid_gives_the_donor_stream_through_the_receivers_head(tiny
     """tuned->base resid at the last layer = the tuned model's last-layer output, passed through the
     base's final norm and unembedding. (Equal to the tuned log-probs when the two share norm and head.)"""
     last = tiny.n_layers - 1
-    sw = patch_sweep(tiny, prefs, layers=[last], controls=[], chunk_size=3, progress=False)
-    from alignlib.data import collate, encode_pairs
-    from alignlib.metrics import pad_id
-
-    expected = []
-    for e in encode_pairs(tiny.tokenizer, prefs):
-        logp = []
-        for ids, start in ((e.chosen, e.chosen_start), (e.rejected, e.rejected_start)):
-            batch = collate([(ids, start)], pad_id(tiny.tokenizer))
-            with torch.no_grad(), capture(tiny.tuned, layers=[last]) as acts:
-                tiny.tuned(batch.input_ids)
-            h = final_norm(tiny.base)(acts["resid", last])
-            logp.append(token_logprobs(tiny.base, h, batch.input_ids, batch.response_mask)[0].item())
-        expected.append(logp[0] - logp[1])
-    np.testing.assert_allclose(sw.pairs.margin_patched, expected, rtol=1e-5)
+    sw = patch_sweep(tiny, prefs, layers=[last], controls=[], chunk_size=6, batch_size=6, progress=False)
+    batch = pack_pairs(encode_pairs(tiny.tokenizer, prefs), 0)
+    donor = capture(tiny.tuned, batch).value("resid", last)
+    with torch.no_grad():
+        logp = pair_logprobs(tiny.base, final_norm(tiny.base)(donor), batch)
+    np.testing.assert_allclose(sw.pairs.margin_patched, (logp[:, 0] - logp[:, 1]).numpy(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("k", [0, 2, 3])
@@ -163,8 +150,6 @@ def test_shuffled_and_mean_ablation_keep_their_meaning_on_packed_pairs(tiny, bui
     response start) is the pair's own donor, so shuffled equals the real patch. Mean ablation averages
     over the tokens of both sequences, the prompt's counted twice, as on separate sequences.
     """
-    from alignlib.data import collate, encode_pairs, sequences
-    from alignlib.models import final_hidden
     from alignlib.patching import _Chunk
 
     copies = [builtin_prefs[0]] * 4
@@ -174,15 +159,17 @@ def test_shuffled_and_mean_ablation_keep_their_meaning_on_packed_pairs(tiny, bui
     np.testing.assert_allclose(shuffled.margin_patched, real.margin_patched, rtol=1e-6, atol=1e-6)
 
     encoded = encode_pairs(tiny.tokenizer, builtin_prefs[:5])
-    chunk = _Chunk(tiny, encoded, 4, [], 0, 0)
-    batch = collate(sequences(encoded), 0)
-    with torch.no_grad(), capture(tiny.base) as acts:
-        final_hidden(tiny.base, batch.input_ids, batch.attention_mask)
-    real_tokens = batch.attention_mask.bool()
-    for layer in range(tiny.n_layers):
+    chunk = _Chunk(tiny, encoded, 8, [], 0, 0)
+    for layer in range(tiny.n_layers):  # the mean over every token of the ten separate sequences
+        tokens = []
+        for e in encoded:
+            for ids in (e.chosen, e.rejected):
+                with torch.no_grad(), record(tiny.base) as rec:
+                    tiny.base(torch.tensor([ids]))
+                tokens.append(rec["stream"][layer + 1][0])
         value, _ = chunk.control_value("mean_ablation", "resid", layer, "base", "tuned", 0,
                                        chunk.position_mask(0, "all"), None)
-        torch.testing.assert_close(value[0, 0], acts["resid", layer][real_tokens].mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(value[0, 0], torch.cat(tokens).mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_summary_is_a_ratio_of_means_with_a_ci(tiny, prefs):
@@ -191,7 +178,9 @@ def test_summary_is_a_ratio_of_means_with_a_ci(tiny, prefs):
         cell = sw.pairs[sw.pairs.layer == row.layer]
         assert row.recovery == pytest.approx(cell.effect.mean() / cell.gain.mean())
         assert row.ci_low <= row.ci_high
-    assert set(sw.summary.columns) >= {"site", "direction", "control", "layer", "recovery", "ci_low", "ci_high"}
+    assert set(sw.summary.columns) >= {"site", "direction", "control", "positions", "method", "layer", "recovery",
+                                       "ci_low", "ci_high", "band_low", "band_high", "slope", "recovery_per_token"}
+    assert (sw.summary.band_low <= sw.summary.recovery).all() and (sw.summary.recovery <= sw.summary.band_high).all()
 
 
 def test_bad_arguments_get_clear_errors(tiny, prefs):
@@ -215,7 +204,7 @@ def test_hooks_are_removed_even_when_the_forward_raises(tiny):
     layers = decoder_layers(tiny.base)
     before = [dict(l._forward_hooks) for l in layers]
     with pytest.raises(RuntimeError):
-        with patch(tiny.base, "resid", 1, torch.zeros(1, 3, 64)), capture(tiny.base, sites=SITES):
+        with patch(tiny.base, "resid", 1, torch.zeros(1, 3, 64)), record(tiny.base, ["attn", "mlp"]):
             raise RuntimeError("boom")
     with pytest.raises(RuntimeError):
         with resume_from(tiny.base, 2, torch.zeros(1, 3, 64)):
@@ -227,16 +216,16 @@ def test_hooks_are_removed_even_when_the_forward_raises(tiny):
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     from alignlib import load_pair, load_preferences
-    from alignlib import runs
+    from alignlib import store
     from alignlib.patching import patch_sweep
     saved = []
-    real_save = runs.RunFolder.save
+    real_save = store.Entry.save_table
     def save_then_die(self, name, table):
         real_save(self, name, table)
         saved.append(name)
         if len(saved) == 2:
             os.kill(os.getpid(), signal.SIGKILL)  # kill -9 right after the second chunk is on disk
-    runs.RunFolder.save = save_then_die
+    store.Entry.save_table = save_then_die
     pair = load_pair("tiny")
     patch_sweep(pair, load_preferences("builtin")[:8], site=["resid", "block"], chunk_size=2,
                 run_dir=sys.argv[1], progress=False)
@@ -247,7 +236,7 @@ def test_a_sweep_killed_by_sigkill_resumes_without_recomputing(tiny, builtin_pre
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(run)], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert sorted(p.name for p in run.glob("sweep-chunk-*.csv")) == ["sweep-chunk-00000.csv", "sweep-chunk-00001.csv"]
+    assert sorted(p.name for p in run.glob("sweep-chunk-*")) == ["sweep-chunk-00000.parquet", "sweep-chunk-00001.parquet"]
     assert not list(run.glob(".*"))  # no half-written files left behind
 
     import alignlib.patching as patching
@@ -295,3 +284,100 @@ def test_a_sweep_works_on_models_whose_weights_require_grad(tiny, prefs):
     loaded = patch_sweep(tiny, prefs, **kw).pairs
     assert np.array_equal(by_hand.effect.to_numpy(), loaded.effect.to_numpy())
     assert all(p.grad is None for p in base.parameters())
+
+
+def test_prompt_reuse_equals_the_plain_path(tiny, prefs):
+    """Patching response positions (or offsets) recomputes only the positions from the first patched one
+    on, reusing the prompt's recorded keys and values: equal to the plain path to float rounding."""
+    from alignlib.hooks import Suffix
+
+    for positions in ("response", [0, 1], [-1, 2]):
+        kw = dict(site=["resid", "block", "own"], direction=BOTH, positions=positions, controls=["noise"],
+                  chunk_size=3, batch_size=3, progress=False)
+        fast = patch_sweep(tiny, prefs, **kw).pairs
+        plain = patch_sweep(tiny, prefs, method="hooks", **kw).pairs
+        np.testing.assert_allclose(fast.margin_patched, plain.margin_patched, rtol=1e-5, atol=1e-5)
+    batch = pack_pairs(encode_pairs(tiny.tokenizer, prefs[:3]), 0)
+    cap = capture(tiny.base, batch, kv=True)
+    assert Suffix.build(tiny.base, batch, batch.response, cap.kv) is not None  # the fast path really reused
+    assert Suffix.build(tiny.base, batch, batch.real, cap.kv) is None  # nothing to reuse: plain resume
+
+
+def test_own_site_is_exactly_the_layers_own_change(tiny, prefs):
+    pair = one_layer_pair(tiny, 2)
+    own = patch_sweep(pair, prefs, site="own", direction=BOTH, controls=[], chunk_size=3, progress=False).pairs
+    for layer, cell in own.groupby("layer"):
+        if layer == 2:  # the only change, on the receiver's own input: the donor's run from there on
+            np.testing.assert_allclose(cell.margin_patched, cell.margin_donor, rtol=1e-6, atol=1e-5)
+        else:  # identical layers add the same to the same input
+            assert (cell.effect == 0).all()
+
+
+@pytest.mark.parametrize("site", ["resid", "block", "own", "attn", "mlp"])
+def test_attribution_patching_is_exact_to_first_order(tiny, prefs, site):
+    """On a change of size eps, attribution patching's error against exact patching is O(eps^2) while the
+    effect is O(eps): halving the change halves the relative error."""
+    errors = []
+    for scale in (2e-2, 1e-2, 5e-3):
+        pair = one_layer_pair(tiny, 1, scale=scale)
+        kw = dict(site=site, layers=[1, 2], controls=[], chunk_size=6, progress=False)
+        exact = patch_sweep(pair, prefs, **kw).pairs
+        atp = patch_sweep(pair, prefs, method="attribution", **kw).pairs
+        assert list(atp.columns) == list(exact.columns) and len(atp) == len(exact)
+        e, a = exact.effect.to_numpy(), atp.effect.to_numpy()
+        errors.append(np.abs(a - e).max() / np.abs(e).max())
+    assert errors[0] < 0.1 and 1.6 < errors[0] / errors[1] < 2.5 and 1.6 < errors[1] / errors[2] < 2.5, errors
+
+
+def test_score_margins_are_a_sweeps_clean_margins_by_construction(tiny, prefs):
+    from alignlib import score
+
+    table = score(tiny, prefs, batch_size=4, progress=False).set_index("id")
+    sweep = patch_sweep(tiny, prefs, site="resid", direction=BOTH, layers=[0], controls=[], batch_size=4,
+                        chunk_size=len(prefs), progress=False).pairs
+    for direction, receiver in (("tuned_to_base", "base"), ("base_to_tuned", "tuned")):
+        clean = sweep[sweep.direction == direction].set_index("id").margin_receiver
+        assert np.array_equal(clean.to_numpy(), table.loc[clean.index, f"margin_{receiver}"].to_numpy())
+
+
+def test_a_run_folder_from_other_code_is_recomputed(tiny, prefs, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    kw = dict(site="resid", controls=[], chunk_size=3, progress=False, run_dir=run)
+    first = patch_sweep(tiny, prefs, **kw)
+    record = json.loads((run / "entry.json").read_text())
+    record["code"] = "an older alignlib"  # as if hooks.py or patching.py had changed since
+    (run / "entry.json").write_text(json.dumps(record))
+    (run / "sweep-chunk-00000.parquet").write_bytes(b"stale")
+    again = patch_sweep(tiny, prefs, **kw)
+    assert "computed by other code" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(first.pairs, again.pairs)
+
+
+SHARDED = textwrap.dedent("""
+    import sys
+    from alignlib.__main__ import main
+    main(["sweep", "--pair", "tiny", "--data", "builtin", "--rows", "0:12", "--max-length", "256",
+          "--max-response-tokens", "32", "--chunk-size", "3", "--run-dir", sys.argv[1]])
+""")
+
+
+def test_a_sweep_split_across_two_processes_under_torchrun_equals_one_process(tiny, builtin_prefs, tmp_path):
+    from alignlib.data import encode_pairs
+
+    script = tmp_path / "sweep.py"
+    script.write_text(SHARDED)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           "29533", str(script), str(run)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = pd.read_csv(run / "summary.csv")
+    encoded = encode_pairs(tiny.tokenizer, builtin_prefs[:12], max_length=256, max_response_tokens=32)
+    one = patch_sweep(tiny, encoded, site=["resid", "block"], direction=BOTH, controls=[], chunk_size=3,
+                      progress=False)
+    np.testing.assert_array_equal(merged.recovery.to_numpy(), one.summary.recovery.to_numpy())
+    chunks = sorted(run.glob("sweep-chunk-*.parquet"))
+    assert len(chunks) == 4
+    together = pd.concat([pd.read_parquet(c) for c in chunks], ignore_index=True)
+    pd.testing.assert_frame_equal(together, one.pairs)

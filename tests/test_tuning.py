@@ -7,7 +7,8 @@ import torch
 
 from alignlib import ModelPair, score
 from alignlib.builtin import tiny_model, tiny_tokenizer
-from alignlib.tuning import DPOConfig, cached_model, dpo_loss, make_tuned
+from alignlib.store import Store
+from alignlib.tuning import DPORecipe, dpo_loss, make_tuned
 
 
 def test_dpo_loss_on_a_hand_worked_example():
@@ -24,7 +25,7 @@ def test_a_short_dpo_run_raises_the_margin_of_its_training_pairs(tiny, builtin_p
     prefs = builtin_prefs[:24]
     before = [p.clone() for p in tiny.base.parameters()]
     tuned, log = make_tuned(tiny.base, tiny.tokenizer, prefs,
-                            DPOConfig(lr=1e-3, epochs=3, batch_size=8, warmup_steps=1), progress=False)
+                            DPORecipe(lr=1e-3, epochs=3, batch_size=8, warmup_steps=1), progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, tiny.base.parameters()))  # the base is untouched
     table = score(ModelPair(tiny.base, tuned, tiny.tokenizer, "t"), prefs, progress=False)
     assert table.reward_gain.mean() > 1.0
@@ -38,8 +39,7 @@ def test_a_short_dpo_run_raises_the_margin_of_its_training_pairs(tiny, builtin_p
 
 def test_the_sparse_embedding_gradient_of_the_loop_is_the_dense_one(tiny, builtin_prefs):
     """The loop takes the (tied) embedding's gradient sparse to save a vocabulary-sized fill per step."""
-    from alignlib.data import encode_pairs
-    from alignlib.metrics import pad_id
+    from alignlib.data import encode_pairs, pad_id
     from alignlib.tuning import _pair_logprobs
 
     encoded = encode_pairs(tiny.tokenizer, builtin_prefs[:8], max_length=128)
@@ -52,7 +52,7 @@ def test_the_sparse_embedding_gradient_of_the_loop_is_the_dense_one(tiny, builti
     assert not grads[1].is_sparse  # the tied output projection's dense gradient absorbs it
     # the same sums in another order: equal to float32 rounding of the largest entries
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6 * grads[0].abs().max().item())
-    tuned, _ = make_tuned(tiny.base, tiny.tokenizer, builtin_prefs[:8], DPOConfig(batch_size=8), progress=False)
+    tuned, _ = make_tuned(tiny.base, tiny.tokenizer, builtin_prefs[:8], DPORecipe(batch_size=8), progress=False)
     assert not tuned.get_input_embeddings().sparse
 
 
@@ -65,14 +65,14 @@ def test_dpo_trains_a_model_with_untied_embeddings(tiny, builtin_prefs):
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).eval()
     assert base.get_output_embeddings().weight is not base.get_input_embeddings().weight
-    tuned, log = make_tuned(base, tiny.tokenizer, builtin_prefs[:8], DPOConfig(batch_size=8, warmup_steps=1),
+    tuned, log = make_tuned(base, tiny.tokenizer, builtin_prefs[:8], DPORecipe(batch_size=4, warmup_steps=1),
                             progress=False)
     moved = (tuned.get_input_embeddings().weight - base.get_input_embeddings().weight).abs().max()
     assert torch.isfinite(torch.tensor(log.loss.to_numpy())).all() and moved > 0
 
 
 def test_dpo_is_deterministic(tiny, builtin_prefs):
-    cfg = DPOConfig(lr=1e-3, epochs=1, batch_size=8)
+    cfg = DPORecipe(lr=1e-3, epochs=1, batch_size=8)
     a, _ = make_tuned(tiny.base, tiny.tokenizer, builtin_prefs[:16], cfg, progress=False)
     b, _ = make_tuned(tiny.base, tiny.tokenizer, builtin_prefs[:16], cfg, progress=False)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
@@ -84,7 +84,7 @@ def scratch_cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_cache_loads_rebuilds_on_config_change_and_recovers_from_corruption(scratch_cache):
+def test_store_loads_rebuilds_on_config_or_code_change_and_recovers_from_corruption(scratch_cache, capsys):
     tok = tiny_tokenizer()
     builds = []
 
@@ -94,21 +94,23 @@ def test_cache_loads_rebuilds_on_config_change_and_recovers_from_corruption(scra
             return tiny_model(tok, seed=seed), tok, pd.DataFrame({"step": [0]})
         return run
 
-    first, _ = cached_model("m", {"seed": 1}, build(1), progress=False)
-    again, _ = cached_model("m", {"seed": 1}, build(1), progress=False)
+    store = Store()
+    first, _ = store.model("m", {"seed": 1}, "code-a", build(1), progress=False)
+    again, _ = store.model("m", {"seed": 1}, "code-a", build(1), progress=False)
     assert builds == [1]  # the second load did not rebuild
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
-    assert (scratch_cache / "tuned" / "m" / "training_log.csv").is_file()
+    assert len(list((scratch_cache / "models").glob("m-*/training_log.csv"))) == 1
 
-    with pytest.warns(UserWarning, match="config changed"):
-        changed, _ = cached_model("m", {"seed": 2}, build(2), progress=False)
-    assert builds == [1, 2]
+    store.model("m", {"seed": 1}, "code-b", build(1), progress=False)  # other code: rebuilt, old entry retired
+    assert builds == [1, 1] and "computed by other code" in capsys.readouterr().err
+    assert len(list((scratch_cache / "models").glob("m-*"))) == 1
+    changed, _ = store.model("m", {"seed": 2}, "code-b", build(2), progress=False)
+    assert builds == [1, 1, 2]
 
-    weights = next((scratch_cache / "tuned" / "m").glob("*.safetensors"))
-    weights.write_bytes(b"not a safetensors file")
-    with pytest.warns(UserWarning, match="unreadable"):
-        rebuilt, _ = cached_model("m", {"seed": 2}, build(2), progress=False)
-    assert builds == [1, 2, 2]
+    entry = store.entry("models", "m", {"seed": 2}, "code-b")
+    next(entry.path.glob("*.safetensors")).write_bytes(b"not a safetensors file")
+    rebuilt, _ = store.model("m", {"seed": 2}, "code-b", build(2), progress=False)
+    assert builds == [1, 1, 2, 2] and "unreadable" in capsys.readouterr().err
     assert all(torch.equal(a, b) for a, b in zip(changed.parameters(), rebuilt.parameters()))
 
 
@@ -125,14 +127,16 @@ def test_smollm2_training_rows_never_overlap_the_analysis_rows():
         smollm2_pair(rows=(900, 1100))
 
 
-def test_the_smollm2_builds_have_their_own_cache_entries():
-    from alignlib.builtin import NAMES, SMOLLM2_DPO, SMOLLM2_DPO_LONG, smollm2_cache_entry
-    from alignlib.runs import sha1
+def test_the_smollm2_builds_have_their_own_store_entries():
+    from alignlib.builtin import BAND, NAMES, PLANTED_DPO, PLANTED_ROWS, SMOLLM2_DPO, SMOLLM2_DPO_LONG, smollm2_entry
+    from alignlib.store import sha1
 
-    assert {"smollm2", "smollm2-long"} <= set(NAMES)
-    assert smollm2_cache_entry(SMOLLM2_DPO)[0] == "smollm2-dpo"
-    assert smollm2_cache_entry(SMOLLM2_DPO_LONG)[0] == "smollm2-dpo-long"
-    other, record = smollm2_cache_entry(SMOLLM2_DPO_LONG, rows=(0, 300))  # any other build: a hashed entry
+    assert {"smollm2", "smollm2-long", "smollm2-band", "smollm2-diffuse"} <= set(NAMES)
+    assert smollm2_entry(SMOLLM2_DPO)[0] == "smollm2-dpo"
+    assert smollm2_entry(SMOLLM2_DPO_LONG)[0] == "smollm2-dpo-long"
+    assert smollm2_entry(PLANTED_DPO, PLANTED_ROWS, layers=BAND)[0] == "smollm2-band"
+    assert smollm2_entry(PLANTED_DPO, PLANTED_ROWS, layers="all")[0] == "smollm2-diffuse"
+    other, record = smollm2_entry(SMOLLM2_DPO_LONG, rows=(0, 300))  # any other build: a hashed entry
     assert other == f"smollm2-dpo-{sha1(record)[:10]}"
     assert SMOLLM2_DPO_LONG.max_length > SMOLLM2_DPO.max_length
 

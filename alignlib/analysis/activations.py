@@ -1,21 +1,20 @@
-"""Response-token activations of both models from one capture pass: distances, pooled means, deltas.
+"""Response-token activations of both models from one capture each: distances, pooled means, deltas.
 
-Everything the LASSO, low-rank and probe analyses need comes from one forward of each model per
-batch, plus one more of the tuned model: per pair and layer the mean over response tokens (of both
-the chosen and the rejected sequence) of ||h_T - h_B|| (``distance``), of ||h_T - h_B|| / ||h_B||
-(``relative``), of cos(h_T, h_B) (``cosine``) and of ``local``: ||f_T(x_B) - f_B(x_B)|| / ||h_B||,
-the difference between what the tuned and the base layer add to the *same* input x_B (the base's
-input to that layer). The first three accumulate every earlier layer's change, so a change made at
-one layer shows in every later layer's distance; ``local`` isolates the layer itself.
+Everything the LASSO, low-rank and probe analyses need comes from one capture of each model per
+packed batch, one forward of the tuned layers on the base's inputs and one backward of the base.
+Per pair and layer, over the response tokens of both sides: the mean of ||h_T - h_B||
+(``distance``), of ||h_T - h_B|| / ||h_B|| (``relative``), of cos(h_T, h_B) (``cosine``) and of
+``local``: ||f_T(x_B) - f_B(x_B)|| / ||h_B||, the difference between what the tuned and the base
+layer add to the *same* input x_B. The first three accumulate every earlier layer's change, so a
+change made at one layer shows in every later layer's distance; ``local`` isolates the layer.
 
 ``attribution`` is signed and in nats: the first-order estimate of how much the tuned layer's own
-change moves the base model's margin, sum over every position of grad_{h_l} logp_B . (f_T(x_B) -
-f_B(x_B)), chosen minus rejected (attribution patching, Nanda 2023; Syed et al. 2023). Summed
-over layers it approximates the reward gain, so, unlike a distance, it can predict the gain
-linearly; it costs one more forward and backward of the base.
+change moves the base model's margin, the sum over every position of grad_{h_l} margin_B .
+(f_T(x_B) - f_B(x_B)) (attribution patching of site ``own``; Nanda 2023, Syed et al. 2023). Summed
+over layers it approximates the reward gain, so, unlike a distance, it can predict the gain linearly.
 
-Also: per sequence and layer the mean response activation of each model (for probes); and, at
-requested layers, every response token's difference h_T - h_B (for the low-rank analysis).
+Also: per pair and layer the mean response activation of each side under each model (for
+probes); and, at requested layers, every response token's difference h_T - h_B (for low rank).
 """
 
 from __future__ import annotations
@@ -25,89 +24,103 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
-from ..data import EncodedPair, collate, encode_pairs, length_batches, sequences
-from ..hooks import capture, feed_inputs, stream_gradients
-from ..metrics import pad_id
-from ..models import ModelPair, final_hidden
+from ..capture import capture, margin_gradients, own_change
+from ..data import CHOSEN, REJECTED
+from ..metrics import encoded_pairs, packed_batches
+from ..models import ModelPair
+
+MEASURES = ("distance", "relative", "cosine", "local", "attribution")
 
 
 @dataclass
 class ResponseActivations:
-    ids: list[str]
+    ids: list
     n_layers: int
     distances: pd.DataFrame  # id, layer, distance, relative, cosine, local, attribution
-    pooled: dict[str, np.ndarray]  # model -> (n_layers, n_pairs, 2, hidden): response means of (chosen, rejected)
-    deltas: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (tokens, hidden): h_T - h_B
+    pooled: dict  # model -> (n_layers, n_pairs, 2, hidden): response means of (chosen, rejected)
+    deltas: dict = field(default_factory=dict)  # layer -> (tokens, hidden): h_T - h_B
     delta_pair: np.ndarray | None = None  # pair index of each delta row
 
     def distances_wide(self, measure: str = "distance") -> pd.DataFrame:
         """One row per pair (in ``ids`` order), one column per layer."""
-        wide = self.distances.pivot(index="id", columns="layer", values=measure)
-        return wide.loc[self.ids]
+        return self.distances.pivot(index="id", columns="layer", values=measure).loc[self.ids]
 
 
-def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: int = 16, max_length: int = 512,
-                         chat_template: bool = False, progress: bool = True) -> ResponseActivations:
-    """Capture both models once per batch and reduce to what the analyses need."""
-    encoded = prefs if len(prefs) and isinstance(prefs[0], EncodedPair) else encode_pairs(
-        pair.tokenizer, prefs, max_length=max_length, chat_template=chat_template)
+def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: int = 8, max_length: int = 512,
+                         chat_template: bool = False, features: bool = True, progress: bool = True) -> ResponseActivations:
+    """Capture both models once per batch and reduce to what the analyses need.
+
+    ``features=False`` skips ``local`` and ``attribution`` (NaN), and the forward and backward they
+    cost, when only distances, pooled means or deltas are wanted.
+    """
+    encoded = encoded_pairs(pair, prefs, max_length=max_length, chat_template=chat_template)
     n, L = len(encoded), pair.n_layers
-    device = next(pair.base.parameters()).device
-    seqs = sequences(encoded)
     hidden = pair.base.config.hidden_size
     pooled = {role: np.zeros((L, n, 2, hidden), dtype=np.float32) for role in ("base", "tuned")}
-    sums = np.zeros((4, L, n))  # distance, relative, cosine, local summed over response tokens
-    attribution = np.zeros((L, n))  # chosen minus rejected, summed over every position
-    counts = np.zeros(n)
+    means = np.zeros((4, L, n))  # distance, relative, cosine, local: means over response tokens
+    attribution = np.zeros((L, n))
     deltas = {l: [] for l in keep_deltas}
     delta_pair = []
-    for idx in tqdm(length_batches([len(ids) for ids, _ in seqs], batch_size), desc="capturing",
-                    disable=not progress):
-        batch = collate([seqs[i] for i in idx], pad_id(pair.tokenizer)).to(device)
-        acts = {}
-        for role, model in pair.models.items():
-            with torch.inference_mode(), capture(model) as a:
-                final_hidden(model, batch.input_ids, batch.attention_mask)
-            acts[role] = a
-        base_inputs = {l: acts["base"]["input", 0] if l == 0 else acts["base"]["resid", l - 1] for l in range(L)}
-        with torch.inference_mode(), capture(pair.tuned, sites=("block",)) as local, \
-                feed_inputs(pair.tuned, base_inputs):
-            final_hidden(pair.tuned, batch.input_ids, batch.attention_mask)
-        grads = stream_gradients(pair.base, batch)
-        mask = batch.response_mask.cpu()
-        real = batch.attention_mask.cpu().bool()
-        for r, seq in enumerate(idx):
-            p, m = seq % n, mask[r]
-            counts[p] += int(m.sum())
-            if keep_deltas:
-                delta_pair.extend([p] * int(m.sum()))
+    batches = list(packed_batches(pair, encoded, batch_size))
+    for idx, batch in tqdm(batches, desc="capturing", disable=not progress, leave=False):
+        caps = {"tuned": capture(pair.tuned, batch, what=f"{pair.name} tuned model")}
+        if features:  # the base's capture comes with its gradient, from one forward
+            caps["base"], grads = margin_gradients(pair.base, batch, what=f"{pair.name} base model")
+            grads = grads[False]
+            own = own_change(pair.tuned, batch, caps["base"])
+        else:
+            caps["base"] = capture(pair.base, batch, what=f"{pair.name} base model")
+        sides = [(batch.segment == side).cpu() for side in (CHOSEN, REJECTED)]
+        response = (sides[0] | sides[1]).float()
+        count = response.sum(1)
+        if keep_deltas:
+            rows = response.bool().nonzero()[:, 0]
+            delta_pair.extend(np.asarray(idx)[rows.numpy()])
         for l in range(L):
-            hb, ht = acts["base"]["resid", l].float().cpu(), acts["tuned"]["resid", l].float().cpu()
-            d = ht - hb
-            dist = d.norm(dim=-1)
-            rel = dist / hb.norm(dim=-1).clamp_min(1e-12)
-            cos = torch.nn.functional.cosine_similarity(ht, hb, dim=-1)
-            own = acts["base"]["resid", l].float().cpu() - base_inputs[l].float().cpu()
-            change = local["block", l].float().cpu() - own
-            loc = change.norm(dim=-1) / hb.norm(dim=-1).clamp_min(1e-12)
-            attr = ((grads[l].float().cpu() * change).sum(-1) * real).sum(-1).double()
-            for r, seq in enumerate(idx):
-                p, side, m = seq % n, seq // n, mask[r]
-                sums[0, l, p] += dist[r, m].sum().item()
-                sums[1, l, p] += rel[r, m].sum().item()
-                sums[2, l, p] += cos[r, m].sum().item()
-                sums[3, l, p] += loc[r, m].sum().item()
-                attribution[l, p] += attr[r].item() if side == 0 else -attr[r].item()
-                pooled["base"][l, p, side] = hb[r, m].mean(0).numpy()
-                pooled["tuned"][l, p, side] = ht[r, m].mean(0).numpy()
-                if l in deltas:
-                    deltas[l].append(d[r, m].numpy())
-    means = sums / counts
-    distances = pd.DataFrame([dict(id=encoded[p].id, layer=l, distance=means[0, l, p], relative=means[1, l, p],
-                                   cosine=means[2, l, p], local=means[3, l, p], attribution=attribution[l, p])
-                              for p in range(n) for l in range(L)])
+            hb, ht = (caps[r].value("resid", l).float().cpu() for r in ("base", "tuned"))
+            norm = hb.norm(dim=-1).clamp_min(1e-12)
+            per_token = [(ht - hb).norm(dim=-1), (ht - hb).norm(dim=-1) / norm,
+                         torch.nn.functional.cosine_similarity(ht, hb, dim=-1)]
+            if features:
+                change = own[l] - caps["base"].value("block", l)
+                per_token.append(change.float().cpu().norm(dim=-1) / norm)
+                attribution[l, idx] = (grads["resid", l] * change).sum((1, 2)).double().cpu().numpy()
+            else:
+                attribution[l, idx] = means[3, l, idx] = np.nan
+            for m, x in enumerate(per_token):
+                means[m, l, idx] = ((x * response).sum(1) / count).numpy()
+            for s, side in enumerate(sides):
+                w = side.float()[..., None] / side.sum(1)[:, None, None]
+                pooled["base"][l, idx, s] = (hb * w).sum(1).numpy()
+                pooled["tuned"][l, idx, s] = (ht * w).sum(1).numpy()
+            if l in deltas:
+                deltas[l].append((ht - hb)[response.bool()].numpy())
+    distances = pd.DataFrame({"id": np.repeat([e.id for e in encoded], L), "layer": np.tile(np.arange(L), n),
+                              **{m: v.T.reshape(-1) for m, v in zip(MEASURES, [*means, attribution])}})
     return ResponseActivations([e.id for e in encoded], L, distances, pooled,
                                {l: np.concatenate(v) for l, v in deltas.items()},
                                np.array(delta_pair) if keep_deltas else None)
+
+
+def own_attribution(pair: ModelPair, prefs, tuned: dict, *, batch_size: int = 8, max_length: int = 512) -> pd.DataFrame:
+    """For several tuned sides of one base (checkpoints along a run): each pair's reward gain and each
+    layer's own-change attribution, the base's capture and gradient computed once per batch.
+
+    tuned: name -> model. Columns ``model, id, layer, attribution, gain``.
+    """
+    encoded = encoded_pairs(pair, prefs, max_length=max_length)
+    rows = []
+    for idx, batch in packed_batches(pair, encoded, batch_size):
+        base, grads = margin_gradients(pair.base, batch, what=f"{pair.name} base model")
+        margin_base = (base.logp[:, 0] - base.logp[:, 1]).numpy()
+        for name, model in tuned.items():
+            own = own_change(model, batch, base)
+            logp = capture(model, batch, what=f"{name} model").logp
+            gain = (logp[:, 0] - logp[:, 1]).numpy() - margin_base
+            for l in range(pair.n_layers):
+                attr = (grads[False]["resid", l] * (own[l] - base.value("block", l))).sum((1, 2)).double().cpu()
+                rows.append(pd.DataFrame(dict(model=name, id=[encoded[i].id for i in idx], layer=l,
+                                              attribution=attr.numpy(), gain=gain)))
+    return pd.concat(rows, ignore_index=True)

@@ -5,7 +5,9 @@ principal directions by an uncentred SVD (uncentred, so that a constant shift of
 as a direction too: the question is which directions reconstruct Delta itself). On *held-out*
 pairs, patch the receiver with h_B + P_k Delta, where P_k projects onto the top-k directions, for
 k = 1, 2, 4, ... up to full rank, through the patching engine, and report the share of the
-full-rank effect that k directions recover, against random k-dimensional subspaces.
+full-rank effect that k directions recover, against several random k-dimensional subspaces, and
+beside the share of Delta's energy each subspace holds (so that "the top directions carry the
+effect" can be told from "the top directions carry most of Delta").
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..metrics import recovery
+from ..stats import recovery
 from ..patching import patch_sweep
 from .activations import response_activations
 
 
 @dataclass
 class LowRankResult:
-    """``recovery``: per (basis, k); ``spectrum``: share of Delta's energy per direction; ``k90``: smallest k at 90%;
-    ``pairs``: per held-out pair and basis, the k-direction patch's effect beside the full patch's (``full_effect``)."""
+    """``recovery``: per (basis, draw, k), with ``energy``, the share of training Delta's energy in the subspace;
+    ``spectrum``: share of Delta's energy per direction; ``k90``: smallest k whose principal directions recover
+    90%; ``pairs``: per held-out pair and basis, the k-direction patch's effect beside the full patch's."""
 
     recovery: pd.DataFrame
     spectrum: pd.DataFrame
@@ -45,12 +48,13 @@ def default_ks(hidden: int) -> list[int]:
 
 
 def low_rank_recovery(pair, train_prefs, test_prefs, *, layer: int, direction: str = "tuned_to_base", ks=None,
-                      n_random: int = 1, batch_size: int = 16, chunk_size: int = 16, max_length: int = 512,
+                      n_random: int = 5, batch_size: int = 8, chunk_size: int = 16, max_length: int = 512,
                       n_boot: int = 1000, seed: int = 0, progress: bool = True) -> LowRankResult:
     """Recovery of the full-rank ``resid`` patch at ``layer`` by its top-k directions and by random ones."""
     acts = response_activations(pair, train_prefs, keep_deltas=[layer], batch_size=batch_size,
-                                max_length=max_length, progress=progress)
-    directions, share = delta_directions(acts.deltas[layer])
+                                max_length=max_length, features=False, progress=progress)
+    deltas = acts.deltas[layer].astype(np.float64)
+    directions, share = delta_directions(deltas)
     hidden = directions.shape[0]
     ks = default_ks(hidden) if ks is None else sorted(set(ks))
     rng = np.random.default_rng(seed)
@@ -76,7 +80,9 @@ def low_rank_recovery(pair, train_prefs, test_prefs, *, layer: int, direction: s
                                    "k": int(k), "effect": cell.effect.to_numpy(), "full_effect": full.effect.to_numpy()}))
         share_est, lo, hi = recovery(cell.effect.to_numpy(), full.effect.to_numpy(), n_boot=n_boot, seed=seed)
         rec, rlo, rhi = recovery(cell.effect.to_numpy(), cell.gain.to_numpy(), n_boot=n_boot, seed=seed)
-        rows.append(dict(basis="pca" if kind == "pca" else "random", draw=kind, k=int(k), share_of_full=share_est,
+        energy = float(((deltas @ bases[name]) ** 2).sum() / (deltas**2).sum())
+        rows.append(dict(basis="pca" if kind == "pca" else "random", draw=kind, k=int(k), energy=energy,
+                         share_of_full=share_est,
                          share_ci_low=lo, share_ci_high=hi, recovery=rec, ci_low=rlo, ci_high=rhi))
     table = pd.DataFrame(rows)
     pca = table[table.basis == "pca"].sort_values("k")
