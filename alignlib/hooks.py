@@ -246,9 +246,9 @@ def _tile(value, batch: int, k: int, memo: dict):
         if value.dim() < 2 or value.shape[0] != batch:
             return value
         key = (id(value), k)
-        if key not in memo:
-            memo[key] = value.repeat(k, *([1] * (value.dim() - 1)))
-        return memo[key]
+        if key not in memo or memo[key][0] is not value:  # the memo holds the value: its id cannot be reused
+            memo[key] = (value, value.repeat(k, *([1] * (value.dim() - 1))))
+        return memo[key][1]
     if isinstance(value, dict):
         return {n: _tile(v, batch, k, memo) for n, v in value.items()}
     if isinstance(value, (tuple, list)):

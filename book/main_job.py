@@ -35,7 +35,7 @@ from alignlib.store import Store, code_digest, sha1
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-BOOK_FILES = ["_config.yml", "_toc.yml", "book", "notebooks/README.md"]
+BOOK_FILES = ["_config.yml", "_toc.yml", "_static", "book", "notebooks/README.md"]
 
 
 def sources() -> list[Path]:
