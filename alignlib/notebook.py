@@ -2,13 +2,16 @@
 
 Each notebook calls `start` with its papermill parameters and gets the model pair, the preference
 pairs, their encoding and the run's config (`Inputs`). Every expensive step goes through
-`Inputs.cached` (stored in the run folder's store; with an empty ``run_dir`` it always computes, so
-nbval checks recomputed results, never a cache), and results reach the prose through `glue` and
+`Inputs.cached` (stored in the run folder's store; with an empty ``run_dir`` it uses
+``$ALIGNLIB_RUN_DIR``, which the tests point at a fresh folder per session, so nbval checks results
+recomputed in that session, shared across its notebooks, never a cache from before; with neither it
+always computes), and results reach the prose through `glue` and
 `ci_text`, so the book quotes executed numbers, never typed ones.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,9 +89,10 @@ def start(base: str, tuned: str, data: str, rows: str, n_pairs: int, *, max_leng
           run_dir: str = "", pair=None, **parameters) -> Inputs:
     """Seed, load the pair (or take ``pair``) and the first ``n_pairs`` valid pairs of ``data[rows]``, encode them.
 
-    ``n_pairs`` 0 takes every valid pair in ``rows``.
+    ``n_pairs`` 0 takes every valid pair in ``rows``; an empty ``run_dir`` falls back to ``$ALIGNLIB_RUN_DIR``.
     """
     setup(seed)
+    run_dir = run_dir or os.environ.get("ALIGNLIB_RUN_DIR", "")
     pair = pair if pair is not None else load_pair(base, tuned or None, device=device, dtype=dtype)
     prefs = load_preferences(data, rows=parse_rows(rows))
     if n_pairs > len(prefs):

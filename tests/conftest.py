@@ -1,11 +1,28 @@
-"""Shared fixtures: the tiny pair, the real HH-RLHF rows beside the checkout, a scratch cache."""
+"""Shared fixtures (the tiny pair, the real HH-RLHF rows beside the checkout) and the session's
+arithmetic path and run folder."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The reference notebooks are written on the default arithmetic path (`make reference`); the tests,
+# and the notebook kernels nbval starts from this process, run ATen's portable kernels instead, so
+# a checked fact must come out the same under a second floating-point path (a different CPU, in effect).
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "default")
+# The notebooks executed by nbval share one fresh store for this session (computed once, never a cache
+# from before); see alignlib.notebook.start.
+if "ALIGNLIB_RUN_DIR" not in os.environ:
+    os.environ["ALIGNLIB_RUN_DIR"] = _SESSION_RUN_DIR = tempfile.mkdtemp(prefix="alignlib-test-run-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "_SESSION_RUN_DIR" in globals():
+        shutil.rmtree(_SESSION_RUN_DIR, ignore_errors=True)
 HH_DEFAULT = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 
 

@@ -82,3 +82,19 @@ def test_every_figure_has_a_caption():
             if any("image/png" in out.get("data", {}) for out in cell.get("outputs", [])):
                 caption = cell["metadata"].get("mystnb", {}).get("figure", {}).get("caption")
                 assert caption, f"{ipynb.name}: a figure without a caption:\n{''.join(cell['source'])[:200]}"
+
+
+def test_nbval_runs_a_second_arithmetic_path():
+    """The session's kernels (conftest) compute on another floating-point path than `make reference`
+    did, so nbval's checked facts are shown to hold under both: here the switch really changes the bits."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.manual_seed(0); a, b = torch.randn(48, 576), torch.randn(576, 1536); "
+            "print((a @ b).softmax(-1).double().sum().item().hex())")
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    session = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "default"
+    assert default.stdout != session.stdout, "the second arithmetic path gives the same bits: it is not a second path"
