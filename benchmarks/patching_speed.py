@@ -4,6 +4,7 @@
     python benchmarks/patching_speed.py                       # SmolLM2 pair, 16 HH-RLHF pairs at 32/16 tokens
     python benchmarks/patching_speed.py --max-length 112 --response-tokens 48    # longer prompts
     python benchmarks/patching_speed.py --pair tiny --data builtin --pairs 4     # a quick check of the script
+    python benchmarks/patching_speed.py --only "4 sites"   # only the AtP-against-exact rows
     python benchmarks/patching_speed.py --llama1b 2 --bf16 4  # + a random Llama-3.2-1B-shaped pair; bf16 vs fp32
 
 Pairs: HH-RLHF harmless-base rows 1000-1255 (the notebooks' analysis rows; $ALIGNLIB_HH_RLHF, by default
@@ -332,6 +333,8 @@ def main():
     ap.add_argument("--llama1b", type=int, default=0, help="also time this many pairs on a random 1B-shaped pair")
     ap.add_argument("--bf16", type=int, default=0,
                     help="pairs to score and sweep in bf16 against fp32 (0: skip; slow on CPUs without bf16 units)")
+    ap.add_argument("--only", default="", help="run only the rows whose name contains one of these comma-separated "
+                                               "words (e.g. '4 sites' for the AtP comparison)")
     args = ap.parse_args()
 
     pair, encoded, layers, dropped = load_inputs(args)
@@ -351,10 +354,13 @@ def main():
     before = rates()
     results = {}
     for name, kind, kw, _ in ROWS:
-        try:
-            results[name] = r = in_fresh_process(measure, args, kind, kw)
-        except Exception as err:  # a method that fails is reported, not the end of the run
-            results[name] = r = dict(skipped=f"failed: {why(err)}")
+        if args.only and not any(word in name for word in args.only.split(",")):
+            results[name] = r = dict(skipped="not asked for (--only)")
+        else:
+            try:
+                results[name] = r = in_fresh_process(measure, args, kind, kw)
+            except Exception as err:  # a method that fails is reported, not the end of the run
+                results[name] = r = dict(skipped=f"failed: {why(err)}")
         print(f"  {name}: " + (r["skipped"] if "skipped" in r else f"{r['seconds']:.2f} s (best of {r['runs']})"),
               flush=True)
     rate, layer_rate, head_rate = np.maximum(before, rates())  # the fastest seen, before or after: tightest bound
@@ -385,7 +391,7 @@ def main():
         if ref is not None and "pairs" in results[ref]:
             both = r["pairs"].merge(results[ref]["pairs"], on=["id", "site", "positions", "layer"])
             diff = (both.effect_x - both.effect_y).abs().max()
-        row.update({"s/pair": s / n, "s/seq": s / (2 * n), "x plain": s / cells / (plain["seconds"] / len(layers)),
+        row.update({"s/pair": s / n, "s/seq": s / (2 * n), "x plain": s / cells / (plain.get("seconds", np.nan) / len(layers)),
                     "x bound": s / bound["peak"], "x own-rate bound": s / bound["separate"],
                     "x packed bound": s / bound["packed"], "peak RSS GB": r["peak"], "+MB": 1e3 * r["rise"],
                     "max |d effect|": diff})
