@@ -24,7 +24,7 @@ from .data import encode_pairs, load_preferences
 from .pairs import load_pair
 from .store import Store, sha1, versions
 
-__all__ = ["Inputs", "start", "setup", "parse_rows", "reproduce", "ci_text", "glue"]
+__all__ = ["Inputs", "start", "setup", "parse_rows", "reproduce", "ci_text", "glue", "glue_figure"]
 
 
 @dataclass
@@ -133,3 +133,19 @@ def glue(name: str, value, display: bool = False):
         return value
     _glue(name, value, display=display)
     return value
+
+
+def glue_figure(name: str, fig, alt: str = "") -> None:
+    """Glue ``fig`` as an inline PNG ``<img>`` and close it: a page that pastes a figure from another
+    document gets it this way (myst-nb copies a glued HTML output across documents, not a glued PNG)."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+    from IPython.display import HTML
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", bbox_inches="tight")
+    plt.close(fig)
+    glue(name, HTML(f'<img alt="{alt}" style="max-width:100%" '
+                    f'src="data:image/png;base64,{base64.b64encode(png.getvalue()).decode()}">'), display=False)

@@ -37,8 +37,6 @@ and ``shard`` splits the chunks between processes that share the run folder (`to
 from __future__ import annotations
 
 import contextlib
-import os
-import time
 from dataclasses import dataclass
 from itertools import product
 from typing import Sequence
@@ -55,7 +53,7 @@ from .forward import hidden, pair_logprobs
 from .hooks import SITES, Suffix, check_site, patch, resume_from, resume_stacked
 from .metrics import encoded_pairs, packed_batches
 from .models import ModelPair
-from .store import Entry, code_digest, sha1
+from .store import Entry, code_digest, sha1, shard_spec, wait_for
 
 DIRECTIONS = {"tuned_to_base": ("base", "tuned"), "base_to_tuned": ("tuned", "base")}  # receiver, donor
 CONTROLS = ("identity", "shuffled", "noise", "mean_ablation", "zero_ablation")
@@ -134,7 +132,7 @@ def patch_sweep(
     subspaces = {f"subspace:{k}": torch.as_tensor(u, dtype=torch.float32) for k, u in (subspaces or {}).items()}
     cells = [(ctl, s, d, l) for ctl in ["patch", *controls, *subspaces] for s, d, l in product(sites, directions, layers)]
     chunks = _chunks(encoded, chunk_size)
-    rank, world = _shard(shard, run_dir)
+    rank, world = shard_spec(shard, run_dir)
 
     entry = None
     if run_dir is not None:
@@ -160,7 +158,9 @@ def patch_sweep(
         bar.update(len(cells))
     bar.close()
     if world > 1:
-        tables = _wait_for_shards(entry, len(chunks))
+        names = [f"sweep-chunk-{i:05d}" for i in range(len(chunks))]
+        wait_for(lambda: all(entry.has(n) for n in names), entry.path)
+        tables = {i: entry.load_table(n) for i, n in enumerate(names)}
     per_pair = pd.concat([tables[i] for i in sorted(tables)], ignore_index=True)
     return Sweep(per_pair, summarize(per_pair, n_boot=n_boot, seed=seed))
 
@@ -422,30 +422,6 @@ def _chunks(encoded, chunk_size):
     k = max(1, len(encoded) // chunk_size)
     bounds = np.linspace(0, len(encoded), k + 1).round().astype(int)
     return [encoded[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _shard(shard, run_dir) -> tuple[int, int]:
-    if shard is None:
-        return 0, 1
-    if shard == "auto":
-        shard = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-    rank, world = shard
-    if not 0 <= rank < world:
-        raise ValueError(f"shard {shard}: need 0 <= i < n")
-    if world > 1 and run_dir is None:
-        raise ValueError("a sharded sweep needs run_dir: the shards meet in that folder")
-    return rank, world
-
-
-def _wait_for_shards(entry: Entry, n_chunks: int, timeout: float = 24 * 3600) -> dict:
-    """Every chunk of the sweep, once the other shards have written theirs to the run folder."""
-    names = [f"sweep-chunk-{i:05d}" for i in range(n_chunks)]
-    start = time.monotonic()
-    while not all(entry.has(n) for n in names):
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"shards still missing in {entry.path} after {timeout:.0f} s")
-        time.sleep(1.0)
-    return {i: entry.load_table(n) for i, n in enumerate(names)}
 
 
 def _cell_seed(*parts) -> int:

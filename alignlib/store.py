@@ -177,6 +177,34 @@ class Entry:
     def load_table(self, name: str) -> pd.DataFrame:
         return pd.read_parquet(self.path / f"{name}.parquet")
 
+    def part(self, name: str) -> "Entry":
+        """A whole value inside this open entry (one finished chunk of a resumable run that is not a table)."""
+        return Entry(self.path / name, self.config, self.code)
+
+
+def shard_spec(shard, run_dir) -> tuple[int, int]:
+    """(i, n) from ``shard``: None is (0, 1); ``"auto"`` reads ``RANK`` and ``WORLD_SIZE`` (torchrun,
+    accelerate, a job array). Shards meet in a run folder, so n > 1 needs ``run_dir``."""
+    if shard is None:
+        return 0, 1
+    if shard == "auto":
+        shard = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {shard}: need 0 <= i < n")
+    if world > 1 and run_dir is None:
+        raise ValueError("a sharded run needs run_dir: the shards meet in that folder")
+    return rank, world
+
+
+def wait_for(ready: Callable[[], bool], where: Path, timeout: float = 24 * 3600) -> None:
+    """Wait until ``ready()`` (the other shards' chunks written to ``where``)."""
+    start = time.monotonic()
+    while not ready():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"shards still missing in {where} after {timeout:.0f} s")
+        time.sleep(1.0)
+
 
 class Store:
     """Entries under one root folder: the user cache by default, or a run folder."""

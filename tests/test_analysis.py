@@ -1,5 +1,9 @@
 """Each analysis on planted truth, where the answer is known, and once end-to-end on the tiny pair."""
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -171,3 +175,41 @@ def test_standard_figures_draw_from_the_tables():
     probes = pd.DataFrame({"model": ["base", "tuned", "length only"], "layer": [0, 0, -1], "accuracy": [0.6, 0.7, 0.55],
                            "ci_low": [0.5, 0.6, 0.5], "ci_high": [0.7, 0.8, 0.6]})
     assert plots.probe_accuracy(probes).get_ylim() == (0.3, 1.02)
+
+
+SHARDED_CAPTURE = textwrap.dedent("""
+    import os, sys
+    from alignlib import load_pair, load_preferences
+    from alignlib.analysis.activations import response_activations
+    pair = load_pair("tiny")
+    acts = response_activations(pair, load_preferences("builtin")[:12], keep_deltas=[1], max_length=256,
+                                chunk_size=3, run_dir=sys.argv[1], shard="auto", progress=False)
+    acts.distances.to_parquet(f"{sys.argv[1]}-rank{os.environ['RANK']}.parquet")
+""")
+
+
+def test_a_capture_split_across_two_processes_under_torchrun_equals_one_process(tiny, builtin_prefs, tmp_path):
+    script = tmp_path / "capture.py"
+    script.write_text(SHARDED_CAPTURE)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           "29534", str(script), str(run)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(run.glob("capture-chunk-*"))) == 4
+    kw = dict(keep_deltas=[1], max_length=256, chunk_size=3, progress=False)
+    one = response_activations(tiny, builtin_prefs[:12], run_dir=tmp_path / "one", **kw)
+    for rank in (0, 1):  # each process returns the whole capture, equal to one process's
+        pd.testing.assert_frame_equal(pd.read_parquet(f"{run}-rank{rank}.parquet"), one.distances)
+    again = response_activations(tiny, builtin_prefs[:12], run_dir=run, **kw)  # read back, nothing recomputed
+    pd.testing.assert_frame_equal(again.distances, one.distances)
+    np.testing.assert_array_equal(again.deltas[1], one.deltas[1])
+    np.testing.assert_array_equal(again.delta_pair, one.delta_pair)
+    np.testing.assert_array_equal(again.pooled["tuned"], one.pooled["tuned"])
+    whole = response_activations(tiny, builtin_prefs[:12], keep_deltas=[1], max_length=256, progress=False)
+    assert whole.ids == one.ids
+    np.testing.assert_allclose(one.distances_wide("relative").to_numpy(), whole.distances_wide("relative").to_numpy(),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(one.pooled["base"], whole.pooled["base"], rtol=1e-5, atol=1e-6)
+    order = np.lexsort((np.arange(len(one.delta_pair)), one.delta_pair))  # deltas come batch by batch
+    worder = np.lexsort((np.arange(len(whole.delta_pair)), whole.delta_pair))
+    np.testing.assert_allclose(one.deltas[1][order], whole.deltas[1][worder], rtol=1e-4, atol=1e-5)

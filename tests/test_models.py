@@ -1,12 +1,13 @@
 import json
 
+import pandas as pd
 import pytest
 import torch
 from transformers import (GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
                           GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
-from alignlib import PairError, decoder_layers, final_norm, load_pair, score, sublayer
+from alignlib import PairError, decoder_layers, final_norm, load_pair, patch_sweep, score, sublayer
 from alignlib.models import check_tokenizers
 
 V = 512
@@ -69,6 +70,12 @@ def test_pair_from_local_folders_matches_the_loaded_pair(tiny, builtin_prefs, tm
     a = score(pair, builtin_prefs[:4], progress=False)
     b = score(tiny, builtin_prefs[:4], progress=False)
     assert (a.reward_gain - b.reward_gain).abs().max() < 1e-9
+    # loaded through a device map, as a model too large for one device is, then a sharded sweep (one
+    # device here: the path is exercised, not a placement across devices)
+    placed = load_pair(str(tmp_path / "base"), str(tmp_path / "tuned"), device_map="auto")
+    kw = dict(site=["resid", "attn"], controls=[], chunk_size=2, progress=False)
+    sharded = patch_sweep(placed, builtin_prefs[:4], shard=(0, 1), run_dir=tmp_path / "run", **kw)
+    pd.testing.assert_frame_equal(sharded.pairs, patch_sweep(tiny, builtin_prefs[:4], **kw).pairs)
 
 
 def _variant(**overrides):

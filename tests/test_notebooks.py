@@ -98,3 +98,27 @@ def test_nbval_runs_a_second_arithmetic_path():
     session = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert os.environ["ATEN_CPU_CAPABILITY"] == "default"
     assert default.stdout != session.stdout, "the second arithmetic path gives the same bits: it is not a second path"
+
+
+def test_glue_figure_pastes_an_inline_png_and_closes_the_figure(monkeypatch):
+    """What the landing page pastes from notebooks 2 and 6: an <img> holding the PNG itself."""
+    import base64
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alignlib import notebook
+
+    glued = {}
+    monkeypatch.setattr(notebook, "glue", lambda name, value, display=False: glued.setdefault(name, value))
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    notebook.glue_figure("fig_test", fig, alt="a title")
+    html = glued["fig_test"].data
+    assert html.startswith('<img alt="a title"')
+    png = base64.b64decode(re.search(r"base64,([^\"]+)", html).group(1))
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    assert not plt.fignum_exists(fig.number)

@@ -30,6 +30,7 @@ from ..capture import capture, margin_gradients, own_change
 from ..data import CHOSEN, REJECTED
 from ..metrics import encoded_pairs, packed_batches
 from ..models import ModelPair
+from ..store import Entry, code_digest, sha1, shard_spec, wait_for
 
 MEASURES = ("distance", "relative", "cosine", "local", "attribution")
 
@@ -49,13 +50,49 @@ class ResponseActivations:
 
 
 def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: int = 8, max_length: int = 512,
-                         chat_template: bool = False, features: bool = True, progress: bool = True) -> ResponseActivations:
+                         chat_template: bool = False, features: bool = True, run_dir=None, shard=None,
+                         chunk_size: int = 64, progress: bool = True) -> ResponseActivations:
     """Capture both models once per batch and reduce to what the analyses need.
 
     ``features=False`` skips ``local`` and ``attribution`` (NaN), and the forward and backward they
-    cost, when only distances, pooled means or deltas are wanted.
+    cost, when only distances, pooled means or deltas are wanted. With ``run_dir`` the pairs are
+    captured in chunks of ``chunk_size``, each written there when finished (an interrupted capture
+    resumes); ``shard=(i, n)`` (or ``"auto"``) captures every n-th chunk from the i-th, as in
+    `patch_sweep`, and each process returns the whole result once the others' chunks are there.
+    Batches then form within chunks, so the result equals the unchunked one to float rounding.
     """
     encoded = encoded_pairs(pair, prefs, max_length=max_length, chat_template=chat_template)
+    rank, world = shard_spec(shard, run_dir)
+    if run_dir is None:
+        return _capture(pair, encoded, keep_deltas, batch_size, features, progress)
+    config = dict(pair=pair.name, ids_sha1=sha1([e.id for e in encoded]),
+                  tokens_sha1=sha1([[e.chosen, e.rejected] for e in encoded]), keep_deltas=sorted(keep_deltas),
+                  batch_size=batch_size, features=features, chunk_size=chunk_size,
+                  dtype=str(next(pair.base.parameters()).dtype))
+    entry = Entry(run_dir, config, code_digest()).open()
+    starts = range(0, len(encoded), chunk_size)
+    parts = [entry.part(f"capture-chunk-{i:05d}") for i in range(len(starts))]
+    for i, (start, part) in enumerate(zip(starts, parts)):
+        if i % world == rank and not part.matches():
+            part.save(_capture(pair, encoded[start:start + chunk_size], keep_deltas, batch_size, features, progress))
+    wait_for(lambda: all(p.matches() for p in parts), entry.path)
+    return _merge([p.load() for p in parts])
+
+
+def _merge(parts: list[ResponseActivations]) -> ResponseActivations:
+    """One result from the results of consecutive chunks of pairs."""
+    offsets = np.cumsum([0] + [len(p.ids) for p in parts])[:-1]
+    first = parts[0]
+    return ResponseActivations(
+        [i for p in parts for i in p.ids], first.n_layers, pd.concat([p.distances for p in parts], ignore_index=True),
+        {role: np.concatenate([p.pooled[role] for p in parts], axis=1) for role in first.pooled},
+        {l: np.concatenate([p.deltas[l] for p in parts]) for l in first.deltas},
+        None if first.delta_pair is None else np.concatenate([p.delta_pair + o for p, o in zip(parts, offsets)]))
+
+
+def _capture(pair: ModelPair, encoded: list, keep_deltas, batch_size: int, features: bool,
+             progress: bool) -> ResponseActivations:
+    """`response_activations` on encoded pairs, in one piece."""
     n, L = len(encoded), pair.n_layers
     hidden = pair.base.config.hidden_size
     pooled = {role: np.zeros((L, n, 2, hidden), dtype=np.float32) for role in ("base", "tuned")}
