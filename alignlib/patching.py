@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from . import stats
 from .capture import Capture, capture, margin_gradients, own_change
-from .data import PROMPT, EncodedPair
+from .data import PROMPT
 from .forward import hidden, pair_logprobs
 from .hooks import SITES, Suffix, check_site, patch, resume_from, resume_stacked
 from .metrics import encoded_pairs, packed_batches

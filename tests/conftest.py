@@ -3,6 +3,8 @@ arithmetic path and run folder."""
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -47,3 +49,17 @@ def builtin_prefs():
     from alignlib import load_preferences
 
     return load_preferences("builtin")
+
+
+@pytest.fixture
+def torchrun(tmp_path):
+    """``torchrun(source, *args, port=...)``: run a script under torchrun with 2 CPU processes, as a user
+    splits work between processes; a failure shows the processes' stderr."""
+    def run(source: str, *args, port: int):
+        script = tmp_path / "launched.py"
+        script.write_text(source)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                               str(port), str(script), *map(str, args)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return run

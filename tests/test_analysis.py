@@ -1,7 +1,5 @@
 """Each analysis on planted truth, where the answer is known, and once end-to-end on the tiny pair."""
 
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -188,13 +186,10 @@ SHARDED_CAPTURE = textwrap.dedent("""
 """)
 
 
-def test_a_capture_split_across_two_processes_under_torchrun_equals_one_process(tiny, builtin_prefs, tmp_path):
-    script = tmp_path / "capture.py"
-    script.write_text(SHARDED_CAPTURE)
+def test_a_capture_split_across_two_processes_under_torchrun_equals_one_process(tiny, builtin_prefs, tmp_path,
+                                                                                torchrun):
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           "29534", str(script), str(run)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(SHARDED_CAPTURE, run, port=29534)
     assert len(list(run.glob("capture-chunk-*"))) == 4
     kw = dict(keep_deltas=[1], max_length=256, chunk_size=3, progress=False)
     one = response_activations(tiny, builtin_prefs[:12], run_dir=tmp_path / "one", **kw)

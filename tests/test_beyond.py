@@ -12,7 +12,6 @@ from alignlib import patch_sweep, planted_pair
 from alignlib.analysis.steering import steer, steering_direction, steering_summary, transfer
 from alignlib.analysis.windows import shortest_windows, window_sweep, window_summary
 from alignlib.builtin import TINY_DPO
-from alignlib.data import encode_pairs
 from alignlib.models import decoder_layers
 from alignlib.tuning import Checkpoints, DPORecipe, make_tuned
 

@@ -363,15 +363,12 @@ SHARDED = textwrap.dedent("""
 """)
 
 
-def test_a_sweep_split_across_two_processes_under_torchrun_equals_one_process(tiny, builtin_prefs, tmp_path):
+def test_a_sweep_split_across_two_processes_under_torchrun_equals_one_process(tiny, builtin_prefs, tmp_path,
+                                                                              torchrun):
     from alignlib.data import encode_pairs
 
-    script = tmp_path / "sweep.py"
-    script.write_text(SHARDED)
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           "29533", str(script), str(run)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(SHARDED, run, port=29533)
     merged = pd.read_csv(run / "summary.csv")
     encoded = encode_pairs(tiny.tokenizer, builtin_prefs[:12], max_length=256, max_response_tokens=32)
     one = patch_sweep(tiny, encoded, site=["resid", "block"], direction=BOTH, controls=[], chunk_size=3,
