@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .store import sha1
+
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Text tokenised by both sides to check that they split text the same way.
@@ -48,6 +50,12 @@ class ModelPair:
     @property
     def models(self) -> dict[str, nn.Module]:
         return {"base": self.base, "tuned": self.require_tuned()}
+
+    def weights_sha1(self) -> dict[str, str]:
+        """A cheap identity of each side's weights, so a run folder is never resumed with other weights."""
+        with torch.no_grad():
+            return {role: sha1([(n, list(p.shape), float(p.double().sum())) for n, p in m.named_parameters()])
+                    for role, m in self.models.items()}
 
 
 def load_model(source: str | Path | nn.Module, *, dtype: torch.dtype = torch.float32,

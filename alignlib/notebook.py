@@ -139,6 +139,7 @@ def glue_figure(name: str, fig, alt: str = "") -> None:
     """Glue ``fig`` as an inline PNG ``<img>`` and close it: a page that pastes a figure from another
     document gets it this way (myst-nb copies a glued HTML output across documents, not a glued PNG)."""
     import base64
+    import html
     import io
 
     import matplotlib.pyplot as plt
@@ -147,5 +148,5 @@ def glue_figure(name: str, fig, alt: str = "") -> None:
     png = io.BytesIO()
     fig.savefig(png, format="png", bbox_inches="tight")
     plt.close(fig)
-    glue(name, HTML(f'<img alt="{alt}" style="max-width:100%" '
+    glue(name, HTML(f'<img alt="{html.escape(alt)}" style="max-width:100%" '
                     f'src="data:image/png;base64,{base64.b64encode(png.getvalue()).decode()}">'), display=False)

@@ -136,7 +136,7 @@ def patch_sweep(
 
     entry = None
     if run_dir is not None:
-        config = dict(pair=pair.name, weights_sha1={r: _fingerprint(m) for r, m in pair.models.items()},
+        config = dict(pair=pair.name, weights_sha1=pair.weights_sha1(),
                       ids_sha1=sha1([e.id for e in encoded]), tokens_sha1=sha1([[e.chosen, e.rejected] for e in encoded]),
                       sites=sites, directions=directions, positions=positions, layers=layers, controls=list(controls),
                       method=method, batch_size=batch_size, chunk_size=chunk_size, seed=seed,
@@ -426,12 +426,6 @@ def _chunks(encoded, chunk_size):
 
 def _cell_seed(*parts) -> int:
     return int(sha1(list(parts))[:8], 16)
-
-
-def _fingerprint(model) -> str:
-    """A cheap identity for a model's weights, so a run folder is never resumed with other weights."""
-    with torch.no_grad():
-        return sha1([(n, list(p.shape), float(p.double().sum())) for n, p in model.named_parameters()])
 
 
 __all__ = ["CONTROLS", "DIRECTIONS", "METHODS", "SITES", "Sweep", "agreement", "patch_sweep", "summarize"]

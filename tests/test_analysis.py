@@ -1,5 +1,6 @@
 """Each analysis on planted truth, where the answer is known, and once end-to-end on the tiny pair."""
 
+import dataclasses
 import textwrap
 
 import numpy as np
@@ -10,6 +11,7 @@ from alignlib.analysis.activations import response_activations
 from alignlib.analysis.lasso import lasso_layers
 from alignlib.analysis.lowrank import delta_directions, low_rank_recovery
 from alignlib.analysis.probes import probe_layers
+from alignlib.store import StoreError
 from alignlib.validation import planted_pair
 
 
@@ -187,7 +189,9 @@ SHARDED_CAPTURE = textwrap.dedent("""
 
 
 def test_a_capture_split_across_two_processes_under_torchrun_equals_one_process(tiny, builtin_prefs, tmp_path,
-                                                                                torchrun):
+                                                                                torchrun, monkeypatch):
+    from alignlib.analysis import activations
+
     run = tmp_path / "run"
     torchrun(SHARDED_CAPTURE, run, port=29534)
     assert len(list(run.glob("capture-chunk-*"))) == 4
@@ -195,12 +199,20 @@ def test_a_capture_split_across_two_processes_under_torchrun_equals_one_process(
     one = response_activations(tiny, builtin_prefs[:12], run_dir=tmp_path / "one", **kw)
     for rank in (0, 1):  # each process returns the whole capture, equal to one process's
         pd.testing.assert_frame_equal(pd.read_parquet(f"{run}-rank{rank}.parquet"), one.distances)
+    whole = response_activations(tiny, builtin_prefs[:12], keep_deltas=[1], max_length=256, progress=False)
+
+    def recompute(*args):
+        raise AssertionError("a finished chunk was recomputed")
+
+    monkeypatch.setattr(activations, "_capture", recompute)
     again = response_activations(tiny, builtin_prefs[:12], run_dir=run, **kw)  # read back, nothing recomputed
     pd.testing.assert_frame_equal(again.distances, one.distances)
     np.testing.assert_array_equal(again.deltas[1], one.deltas[1])
     np.testing.assert_array_equal(again.delta_pair, one.delta_pair)
     np.testing.assert_array_equal(again.pooled["tuned"], one.pooled["tuned"])
-    whole = response_activations(tiny, builtin_prefs[:12], keep_deltas=[1], max_length=256, progress=False)
+    other = dataclasses.replace(planted_pair(tiny, layer=1, seed=3), name=tiny.name)
+    with pytest.raises(StoreError, match=r"differs in \['weights_sha1'\]"):  # other weights, same name: refused
+        response_activations(other, builtin_prefs[:12], run_dir=run, **kw)
     assert whole.ids == one.ids
     np.testing.assert_allclose(one.distances_wide("relative").to_numpy(), whole.distances_wide("relative").to_numpy(),
                                rtol=1e-5, atol=1e-7)

@@ -65,7 +65,7 @@ def response_activations(pair: ModelPair, prefs, *, keep_deltas=(), batch_size: 
     rank, world = shard_spec(shard, run_dir)
     if run_dir is None:
         return _capture(pair, encoded, keep_deltas, batch_size, features, progress)
-    config = dict(pair=pair.name, ids_sha1=sha1([e.id for e in encoded]),
+    config = dict(pair=pair.name, weights_sha1=pair.weights_sha1(), ids_sha1=sha1([e.id for e in encoded]),
                   tokens_sha1=sha1([[e.chosen, e.rejected] for e in encoded]), keep_deltas=sorted(keep_deltas),
                   batch_size=batch_size, features=features, chunk_size=chunk_size,
                   dtype=str(next(pair.base.parameters()).dtype))
